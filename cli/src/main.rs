@@ -1,1 +1,74 @@
-fn main() {}
+//! `migrate`: the command users type. This file parses arguments and dispatches; each group of
+//! subcommands lives in its own module (`certs`, `transfer`), and `output` holds the shared
+//! printing helpers. Exit codes: 0 success, 1 the operation failed (the message says what and
+//! what to check), 2 bad usage.
+
+mod certs;
+mod output;
+mod transfer;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Live-migrate containers between nodes: checkpoint, move memory and all, restore.
+#[derive(Debug, Parser)]
+#[command(name = "migrate", version, about, long_about = None)]
+#[command(after_help = "Examples:
+  migrate certs init --out certs --name node1 --name node2
+  migrate receive --listen 0.0.0.0:7070 --store /var/lib/migrate/chunks --out ckpt.tar --certs certs/node2
+  migrate send ckpt.tar --to 10.0.0.2:7070 --certs certs/node1")]
+struct Cli {
+    /// More log output (-v info, -vv debug, -vvv trace). Logs go to stderr.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Only errors: no summary lines, no warnings.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the cluster CA and node certificates for mutual TLS.
+    Certs(certs::CertsArgs),
+    /// Receive one transfer into a file, deduplicating against a chunk store.
+    Receive(transfer::ReceiveArgs),
+    /// Send a file to a receiving node.
+    Send(transfer::SendArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    let out = output::Output { quiet: cli.quiet };
+    let result = match cli.command {
+        Command::Certs(args) => certs::run(args, &out),
+        Command::Receive(args) => transfer::receive(args, &out),
+        Command::Send(args) => transfer::send(args, &out),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    let default = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, 2) => "debug",
+        (false, _) => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MIGRATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

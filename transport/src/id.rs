@@ -23,7 +23,9 @@ impl ChunkId {
 
     /// Parses the 64-character hex form; `None` for anything else.
     pub fn from_hex(s: &str) -> Option<Self> {
-        blake3::Hash::from_hex(s).ok().map(|h| ChunkId(*h.as_bytes()))
+        blake3::Hash::from_hex(s)
+            .ok()
+            .map(|h| ChunkId(*h.as_bytes()))
     }
 }
 

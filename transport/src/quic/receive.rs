@@ -1,0 +1,454 @@
+//! The receiving node's side of a transfer: admit and verify chunks from several streams in
+//! parallel, store them, write them at their offsets in the output, and confirm the stream once
+//! its whole-stream hash checks. A dropped connection is waited out: the sender reconnects and
+//! only what the store still lacks is sent again.
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+use super::{classify, write_frame, FrameReader, SessionError, TransferError};
+use crate::codec::{self, Encoded, Encoding};
+use crate::frame::{AbortCode, Frame};
+use crate::protocol::{ProtocolError, Receiver, ReceiverConfig, StoreCopy};
+use crate::store::{DiskStore, StoreError};
+use crate::ChunkId;
+
+/// How to receive.
+#[derive(Debug, Clone)]
+pub struct ReceiveOptions {
+    /// Protocol tuning.
+    pub protocol: ReceiverConfig,
+    /// How long to wait for the sender to come back after the connection drops.
+    pub resume_timeout: Duration,
+}
+
+impl Default for ReceiveOptions {
+    fn default() -> Self {
+        ReceiveOptions {
+            protocol: ReceiverConfig::default(),
+            resume_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What a transfer delivered.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ReceiveReport {
+    /// Bytes of the output file.
+    pub bytes_written: u64,
+    /// Chunks in the stream.
+    pub chunks: u64,
+    /// Chunks that came over the wire in the final connection.
+    pub chunks_received: u64,
+    /// Chunks taken from the store or written as zeros.
+    pub chunks_reused: u64,
+    /// Encoded chunk bytes received, over all connections.
+    pub wire_bytes: u64,
+    /// Connections used (more than one when the transfer resumed).
+    pub connections: u32,
+    /// Node name from the sender's certificate.
+    pub peer: String,
+    /// Wall time from the first connection to the confirmation.
+    pub seconds: f64,
+}
+
+/// Accepts connections on `endpoint` until one transfer completes, writing it to `out`.
+/// Connections whose TLS handshake fails are refused and logged; a transfer whose connection
+/// drops is resumed by the next connection within `resume_timeout`.
+pub async fn receive_file(
+    endpoint: &quinn::Endpoint,
+    store: Arc<DiskStore>,
+    out: &Path,
+    options: &ReceiveOptions,
+) -> Result<ReceiveReport, TransferError> {
+    let mut report = ReceiveReport::default();
+    let wire = Arc::new(AtomicU64::new(0));
+    let mut started: Option<Instant> = None;
+    let mut lost_since: Option<(Instant, String)> = None;
+    let partial = partial_path(out);
+    loop {
+        let wait = lost_since
+            .as_ref()
+            .map(|(since, _)| options.resume_timeout.saturating_sub(since.elapsed()));
+        let incoming = match wait {
+            None => endpoint.accept().await,
+            Some(left) => match tokio::time::timeout(left, endpoint.accept()).await {
+                Ok(incoming) => incoming,
+                Err(_) => {
+                    let (_, last) = lost_since.take().expect("waiting only after a loss");
+                    let _ = std::fs::remove_file(&partial);
+                    return Err(TransferError::Lost {
+                        addr: report.peer.clone(),
+                        waited: options.resume_timeout,
+                        last,
+                    });
+                }
+            },
+        };
+        let Some(incoming) = incoming else {
+            return Err(TransferError::Lost {
+                addr: report.peer.clone(),
+                waited: Duration::ZERO,
+                last: "the endpoint was closed".into(),
+            });
+        };
+        let addr = incoming.remote_address().to_string();
+        let conn = match incoming.await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // A peer without a valid certificate never gets a stream.
+                warn!(peer = %addr, error = %e, "refused a connection");
+                continue;
+            }
+        };
+        started.get_or_insert_with(Instant::now);
+        report.connections += 1;
+        report.peer = crate::tls::peer_name(&conn).unwrap_or(addr.clone());
+        info!(peer = %report.peer, %addr, "sender connected");
+        let result = session(&conn, &store, &partial, options, &wire, &mut report).await;
+        match result {
+            Ok(()) => {
+                std::fs::rename(&partial, out).map_err(|source| TransferError::Output {
+                    path: out.to_path_buf(),
+                    source,
+                })?;
+                report.wire_bytes = wire.load(Ordering::Relaxed);
+                report.seconds = started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+                // The sender closes once it has read `Done`; wait for that, briefly.
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                evict(&store);
+                return Ok(report);
+            }
+            Err(SessionError::Lost(why)) => {
+                warn!(peer = %report.peer, error = %why, "connection lost; waiting for the sender to resume");
+                lost_since.get_or_insert_with(|| (Instant::now(), why));
+                conn.close(0u32.into(), b"lost");
+            }
+            Err(SessionError::Fatal(e)) => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
+                conn.close(1u32.into(), b"failed");
+                let _ = std::fs::remove_file(&partial);
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Where the output is assembled until its hash checks: never a half-written file under the
+/// final name.
+fn partial_path(out: &Path) -> PathBuf {
+    let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".partial");
+    out.with_file_name(name)
+}
+
+/// Applies the store's size cap now that nothing is in flight.
+fn evict(store: &DiskStore) {
+    match store.evict_to_cap(&|_| false) {
+        Ok(stats) => debug!(?stats, "store eviction"),
+        Err(e) => warn!(error = %e, "chunk store eviction failed"),
+    }
+}
+
+/// State shared by the control loop and the chunk-stream tasks.
+struct Shared {
+    receiver: Mutex<Receiver>,
+    /// Woken whenever a task changed the state machine.
+    wake: Notify,
+    /// Chunk writes started and not finished: the stream is only hashed once this is 0.
+    writes_in_flight: AtomicUsize,
+    store: Arc<DiskStore>,
+    out: Arc<File>,
+    out_path: PathBuf,
+    wire: Arc<AtomicU64>,
+}
+
+impl Shared {
+    fn fail(&self, code: AbortCode, message: String) {
+        self.receiver
+            .lock()
+            .expect("receiver lock")
+            .fail(ProtocolError::Local { code, message });
+        self.wake.notify_one();
+    }
+}
+
+async fn session(
+    conn: &quinn::Connection,
+    store: &Arc<DiskStore>,
+    partial: &Path,
+    options: &ReceiveOptions,
+    wire: &Arc<AtomicU64>,
+    report: &mut ReceiveReport,
+) -> Result<(), SessionError> {
+    let peer = report.peer.clone();
+    let (mut ctrl_send, ctrl_recv) = conn.accept_bi().await.map_err(|e| classify(&peer, &e))?;
+    let out = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(partial)
+        .map_err(|source| TransferError::Output {
+            path: partial.to_path_buf(),
+            source,
+        })?;
+    let shared = Arc::new(Shared {
+        receiver: Mutex::new(Receiver::new(options.protocol.clone(), Instant::now())),
+        wake: Notify::new(),
+        writes_in_flight: AtomicUsize::new(0),
+        store: store.clone(),
+        out: Arc::new(out),
+        out_path: partial.to_path_buf(),
+        wire: wire.clone(),
+    });
+
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let (conn, shared, peer) = (conn.clone(), shared.clone(), peer.clone());
+        tasks.spawn(async move { accept_chunk_streams(conn, shared, peer).await });
+    }
+    let mut reader = FrameReader::new(ctrl_recv, &peer);
+    let mut copies = tokio::task::JoinSet::new();
+    let mut lost: Option<SessionError> = None;
+    let outcome = loop {
+        // Drain the state machine: frames to send, copies to start, the final check.
+        let (frames, new_copies, verify, error, timeout) = {
+            let mut r = shared.receiver.lock().expect("receiver lock");
+            let frames: Vec<Frame> = std::iter::from_fn(|| r.poll_transmit()).collect();
+            let new_copies: Vec<StoreCopy> = std::iter::from_fn(|| r.poll_copy()).collect();
+            (frames, new_copies, r.ready_to_verify(), r.error().cloned(), r.poll_timeout())
+        };
+        for frame in &frames {
+            write_frame(&mut ctrl_send, frame, &peer).await?;
+        }
+        if frames.iter().any(|f| matches!(f, Frame::Done { .. })) {
+            break Ok(());
+        }
+        if let Some(e) = error {
+            break Err(SessionError::from(e));
+        }
+        if let Some(e) = lost.take() {
+            break Err(e);
+        }
+        for copy in new_copies {
+            let shared = shared.clone();
+            copies.spawn_blocking(move || copy_from_store(&shared, copy));
+        }
+        if verify && copies.is_empty() && shared.writes_in_flight.load(Ordering::Acquire) == 0 {
+            let shared2 = shared.clone();
+            let hash = tokio::task::spawn_blocking(move || finish_output(&shared2))
+                .await
+                .expect("hashing does not panic");
+            match hash {
+                Ok(hash) => {
+                    let _ = shared.receiver.lock().expect("receiver lock").finish(hash);
+                }
+                Err(e) => shared.fail(AbortCode::Io, e.to_string()),
+            }
+            continue;
+        }
+        tokio::select! {
+            frame = reader.next() => match frame {
+                Ok(Some(frame)) => {
+                    let has = |id: &ChunkId| store.contains(id);
+                    let _ = shared.receiver.lock().expect("receiver lock").handle_frame(frame, &has, Instant::now());
+                }
+                Ok(None) => lost = Some(SessionError::Lost(format!("{peer} closed the control stream"))),
+                Err(e) => lost = Some(e),
+            },
+            Some(done) = copies.join_next() => {
+                if let Err(e) = done.expect("store copy does not panic") {
+                    shared.fail(AbortCode::Io, e.to_string());
+                }
+            }
+            Some(done) = tasks.join_next() => {
+                if let Err(e) = done.expect("chunk stream task does not panic") {
+                    lost = Some(e);
+                }
+            }
+            _ = shared.wake.notified() => {}
+            _ = sleep_until(timeout), if timeout.is_some() => {
+                shared.receiver.lock().expect("receiver lock").handle_timeout(Instant::now());
+            }
+        }
+    };
+    // Say the last word (an Abort on failure) before the tasks go.
+    let last: Vec<Frame> = {
+        let mut r = shared.receiver.lock().expect("receiver lock");
+        std::iter::from_fn(|| r.poll_transmit()).collect()
+    };
+    for frame in &last {
+        if write_frame(&mut ctrl_send, frame, &peer).await.is_err() {
+            break;
+        }
+    }
+    let _ = ctrl_send.finish();
+    tasks.abort_all();
+    while copies.join_next().await.is_some() {}
+    // A put may still be finishing on a blocking thread; the store stays consistent either way.
+    let stats = shared.receiver.lock().expect("receiver lock").stats();
+    report.chunks = stats.chunks;
+    report.chunks_received = stats.chunks_received;
+    report.chunks_reused = stats.chunks_reused;
+    if outcome.is_ok() {
+        report.bytes_written = shared.out.metadata().map(|m| m.len()).unwrap_or(0);
+    }
+    outcome
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    if let Some(d) = deadline {
+        tokio::time::sleep_until(d.into()).await;
+    }
+}
+
+/// Accepts the sender's chunk streams and runs each on its own task.
+async fn accept_chunk_streams(conn: quinn::Connection, shared: Arc<Shared>, peer: String) -> Result<(), SessionError> {
+    let mut streams = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            stream = conn.accept_uni() => {
+                let stream = stream.map_err(|e| classify(&peer, &e))?;
+                let (shared, peer) = (shared.clone(), peer.clone());
+                streams.spawn(async move { receive_chunks(FrameReader::new(stream, &peer), shared).await });
+            }
+            Some(done) = streams.join_next() => {
+                done.expect("chunk stream does not panic")?;
+            }
+        }
+    }
+}
+
+/// Reads `Chunk` frames from one stream; verifies, stores and writes each before reading the
+/// next, so a stream holds at most one chunk in memory beyond QUIC's window.
+async fn receive_chunks(mut reader: FrameReader, shared: Arc<Shared>) -> Result<(), SessionError> {
+    while let Some(frame) = reader.next().await? {
+        let Frame::Chunk {
+            id,
+            raw_len,
+            encoding,
+            payload,
+        } = frame
+        else {
+            shared.fail(
+                AbortCode::Protocol,
+                format!("{} frame on a chunk stream", frame.name()),
+            );
+            return Ok(());
+        };
+        let admitted = shared
+            .receiver
+            .lock()
+            .expect("receiver lock")
+            .accept_chunk(&id, raw_len, Instant::now());
+        if admitted.is_err() {
+            shared.wake.notify_one();
+            return Ok(());
+        }
+        shared.wire.fetch_add(payload.len() as u64, Ordering::Relaxed);
+        let task_shared = shared.clone();
+        tokio::task::spawn_blocking(move || store_chunk(&task_shared, id, raw_len, encoding, &payload))
+            .await
+            .expect("chunk verification does not panic");
+        shared.wake.notify_one();
+    }
+    Ok(())
+}
+
+/// Verifies a chunk against its id, stores it, and writes it wherever the stream has it.
+fn store_chunk(shared: &Shared, id: ChunkId, raw_len: u32, encoding: u8, payload: &[u8]) {
+    let Ok(encoding) = Encoding::try_from(encoding) else {
+        return shared.fail(AbortCode::BadChunk, format!("chunk {id} has unknown encoding {encoding}"));
+    };
+    let raw = match codec::decode_verified(&id, raw_len, encoding, payload) {
+        Ok(raw) => raw,
+        Err(e) => return shared.fail(AbortCode::BadChunk, format!("chunk {id} refused: {e}")),
+    };
+    let encoded = Encoded {
+        encoding,
+        payload: payload.to_vec(),
+    };
+    if let Err(e) = shared.store.put(&id, raw_len, &encoded) {
+        let code = if matches!(e, StoreError::NoSpace { .. }) {
+            AbortCode::NoSpace
+        } else {
+            AbortCode::Io
+        };
+        return shared.fail(code, format!("receiver could not store chunk {id}: {e}"));
+    }
+    let offsets = {
+        let mut r = shared.receiver.lock().expect("receiver lock");
+        shared.writes_in_flight.fetch_add(1, Ordering::AcqRel);
+        r.chunk_stored(&id)
+    };
+    let written = write_at_offsets(shared, &raw, &offsets);
+    shared.writes_in_flight.fetch_sub(1, Ordering::AcqRel);
+    if let Err(e) = written {
+        shared.fail(AbortCode::Io, e.to_string());
+    }
+}
+
+fn copy_from_store(shared: &Shared, copy: StoreCopy) -> Result<(), TransferError> {
+    let raw = shared.store.get(&copy.id)?.ok_or_else(|| TransferError::Output {
+        path: shared.out_path.clone(),
+        source: std::io::Error::other(format!(
+            "chunk {} vanished from the store mid-transfer (evicted or corrupt); run the transfer again",
+            copy.id
+        )),
+    })?;
+    write_at_offsets(shared, &raw, &copy.offsets)
+}
+
+fn write_at_offsets(shared: &Shared, raw: &[u8], offsets: &[u64]) -> Result<(), TransferError> {
+    for &off in offsets {
+        shared
+            .out
+            .write_all_at(raw, off)
+            .map_err(|source| TransferError::Output {
+                path: shared.out_path.clone(),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// Sizes the output (zero chunks were never written: they read back as zeros), makes the
+/// store durable, and hashes what was written.
+fn finish_output(shared: &Shared) -> Result<ChunkId, TransferError> {
+    let total = shared
+        .receiver
+        .lock()
+        .expect("receiver lock")
+        .total_len()
+        .unwrap_or(0);
+    let io = |source| TransferError::Output {
+        path: shared.out_path.clone(),
+        source,
+    };
+    shared.out.set_len(total).map_err(io)?;
+    shared.store.sync()?;
+    let mut hasher = blake3::Hasher::new();
+    let mut file = (&*shared.out).try_clone().map_err(io)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while pos < total {
+        let n = file.read_at(&mut buf, pos).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        pos += n as u64;
+    }
+    let _ = file.read(&mut []);
+    Ok(ChunkId(*hasher.finalize().as_bytes()))
+}

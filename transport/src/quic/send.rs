@@ -1,0 +1,351 @@
+//! The sending node's side of a transfer: chunk the file on one thread, answer the receiver's
+//! needs from several chunk streams with compression spread over the cores, and reconnect to
+//! resume when the connection drops.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, Mutex};
+use tracing::{debug, info, warn};
+
+use super::{classify, write_error, write_frame, FrameReader, SessionError, TransferError};
+use crate::chunker::Chunker;
+use crate::codec;
+use crate::frame::Frame;
+use crate::protocol::{ChunkRequest, Sender, SenderConfig, SenderStats};
+use crate::tls::SERVER_NAME;
+use crate::{ChunkId, ManifestEntry};
+
+/// How to send.
+#[derive(Debug, Clone)]
+pub struct SendOptions {
+    /// zstd level for chunks (1 is fast and, on memory pages, nearly as small as higher levels).
+    pub level: i32,
+    /// Unidirectional streams carrying chunks; also how many chunks are compressed at once.
+    pub streams: usize,
+    /// Protocol tuning.
+    pub protocol: SenderConfig,
+    /// How long to keep trying to reconnect after the connection drops.
+    pub resume_timeout: Duration,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        SendOptions {
+            level: 1,
+            streams: 4,
+            protocol: SenderConfig::default(),
+            resume_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What a transfer moved.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SendReport {
+    /// Bytes of the source file.
+    pub input_bytes: u64,
+    /// Payload bytes put on the wire for chunk and manifest frames, over all connections.
+    pub wire_bytes: u64,
+    /// Chunks in the stream (manifest entries).
+    pub chunks: u64,
+    /// Chunks the receiver did not need: zero chunks, chunks it already had, repeats.
+    pub chunks_reused: u64,
+    /// Chunks sent, over all connections.
+    pub chunks_sent: u64,
+    /// Connections used (more than one when the transfer resumed).
+    pub connections: u32,
+    /// Wall time from the first connection attempt to the receiver's confirmation.
+    pub seconds: f64,
+}
+
+/// Sends `path` to the receiver at `addr` through `endpoint` (see [`super::client_endpoint`]).
+/// Returns once the receiver confirmed the whole-stream hash.
+pub async fn send_file(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    path: &Path,
+    options: &SendOptions,
+) -> Result<SendReport, TransferError> {
+    let started = Instant::now();
+    let source = |source| TransferError::Source {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = Arc::new(File::open(path).map_err(source)?);
+    let input_bytes = file.metadata().map_err(source)?.len();
+    let wire = Arc::new(AtomicU64::new(0));
+    let mut report = SendReport {
+        input_bytes,
+        ..SendReport::default()
+    };
+    let peer = addr.to_string();
+    let mut lost_since: Option<(Instant, String)> = None;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        report.connections += 1;
+        let attempt = async {
+            let conn = endpoint
+                .connect(addr, SERVER_NAME)
+                .map_err(|source| SessionError::Fatal(TransferError::Connect { addr, source }))?
+                .await
+                .map_err(|e| classify(&peer, &e))?;
+            info!(peer = %peer, "connected");
+            let result = session(&conn, path, &file, input_bytes, options, &wire, &mut report).await;
+            let reason: &[u8] = if result.is_ok() { b"done" } else { b"failed" };
+            conn.close(0u32.into(), reason);
+            result
+        };
+        match attempt.await {
+            Ok(stats) => {
+                report.chunks = stats.chunks;
+                report.chunks_reused = stats.chunks_reused;
+                report.wire_bytes = wire.load(Ordering::Relaxed);
+                report.seconds = started.elapsed().as_secs_f64();
+                return Ok(report);
+            }
+            Err(SessionError::Fatal(e)) => return Err(e),
+            Err(SessionError::Lost(why)) => {
+                let (since, _) = lost_since.get_or_insert_with(|| (Instant::now(), why.clone()));
+                if since.elapsed() >= options.resume_timeout {
+                    return Err(TransferError::Lost {
+                        addr: peer,
+                        waited: options.resume_timeout,
+                        last: why,
+                    });
+                }
+                warn!(peer = %peer, error = %why, "connection lost; reconnecting to resume");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// What the chunking thread hands the session.
+enum Input {
+    Entry(u64, ManifestEntry),
+    End(u64, ChunkId),
+    Failed(std::io::Error),
+}
+
+/// One connection's worth of the transfer.
+async fn session(
+    conn: &quinn::Connection,
+    path: &Path,
+    file: &Arc<File>,
+    stream_len: u64,
+    options: &SendOptions,
+    wire: &Arc<AtomicU64>,
+    report: &mut SendReport,
+) -> Result<SenderStats, SessionError> {
+    let peer = conn.remote_address().to_string();
+    let (mut ctrl_send, ctrl_recv) = conn.open_bi().await.map_err(|e| classify(&peer, &e))?;
+    let mut reader = FrameReader::new(ctrl_recv, &peer);
+    let mut sender = Sender::new(options.protocol.clone(), stream_len, Instant::now());
+
+    let (input_tx, mut input_rx) = mpsc::channel(4096);
+    let chunk_path = path.to_path_buf();
+    std::thread::Builder::new()
+        .name("chunker".into())
+        .spawn(move || chunk_file(&chunk_path, &input_tx))
+        .map_err(|e| TransferError::Source {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+
+    // Chunk streams: each takes requests from a shared queue until it closes.
+    let (req_tx, req_rx) = mpsc::channel::<ChunkRequest>(256);
+    let req_rx = Arc::new(Mutex::new(req_rx));
+    let (err_tx, mut err_rx) = mpsc::channel::<SessionError>(options.streams);
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..options.streams.max(1) {
+        let stream = conn.open_uni().await.map_err(|e| classify(&peer, &e))?;
+        let worker = ChunkWorker {
+            stream,
+            file: file.clone(),
+            path: path.to_path_buf(),
+            level: options.level,
+            wire: wire.clone(),
+            peer: peer.clone(),
+        };
+        let (rx, err_tx) = (req_rx.clone(), err_tx.clone());
+        workers.spawn(async move {
+            if let Err(e) = worker.run(rx).await {
+                let _ = err_tx.send(e).await;
+            }
+        });
+    }
+    drop(err_tx);
+
+    let mut req_tx = Some(req_tx);
+    let mut input_open = true;
+    let result = loop {
+        while let Some(frame) = sender.poll_transmit() {
+            let n = write_frame(&mut ctrl_send, &frame, &peer).await?;
+            if matches!(frame, Frame::Manifest { .. }) {
+                wire.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+        while let Some(req) = sender.poll_chunk() {
+            let tx = req_tx.as_ref().expect("requests queue open while the session runs");
+            if tx.send(req).await.is_err() {
+                break;
+            }
+        }
+        if sender.is_done() {
+            break Ok(sender.stats());
+        }
+        if let Some(e) = sender.error() {
+            break Err(SessionError::from(e.clone()));
+        }
+        let deadline = sender.poll_timeout();
+        tokio::select! {
+            input = input_rx.recv(), if input_open && sender.wants_input() => {
+                let mut next = input;
+                loop {
+                    match next {
+                        Some(Input::Entry(offset, entry)) => sender.push_entry(offset, entry),
+                        Some(Input::End(len, hash)) => { sender.finish_input(len, hash); input_open = false; break; }
+                        Some(Input::Failed(source)) => {
+                            break_fatal(&mut sender);
+                            return Err(SessionError::Fatal(TransferError::Source { path: path.to_path_buf(), source }));
+                        }
+                        None => { input_open = false; break; }
+                    }
+                    if !sender.wants_input() { break; }
+                    match input_rx.try_recv() { Ok(i) => next = Some(i), Err(_) => break }
+                }
+            }
+            frame = reader.next() => match frame {
+                Ok(Some(frame)) => { let _ = sender.handle_frame(frame, Instant::now()); }
+                Ok(None) => break Err(SessionError::Lost(format!("{peer} closed the control stream"))),
+                Err(e) => break Err(e),
+            },
+            Some(e) = err_rx.recv() => break Err(e),
+            _ = sleep_until(deadline), if deadline.is_some() => sender.handle_timeout(Instant::now()),
+        }
+    };
+    // Flush what the state machine still has to say (an Abort on failure), then stop workers.
+    while let Some(frame) = sender.poll_transmit() {
+        if write_frame(&mut ctrl_send, &frame, &peer).await.is_err() {
+            break;
+        }
+    }
+    let _ = ctrl_send.finish();
+    req_tx.take();
+    if result.is_err() {
+        workers.abort_all();
+    }
+    while workers.join_next().await.is_some() {}
+    let stats = sender.stats();
+    report.chunks_sent += stats.chunks_sent;
+    debug!(?stats, "session ended");
+    result
+}
+
+fn break_fatal(sender: &mut Sender) {
+    sender.fail(crate::protocol::ProtocolError::Local {
+        code: crate::frame::AbortCode::Io,
+        message: "the sender could not read its source file".into(),
+    });
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    if let Some(d) = deadline {
+        tokio::time::sleep_until(d.into()).await;
+    }
+}
+
+/// Runs on its own thread: cuts the file and hands entries to the session, blocking when the
+/// session's window is full.
+fn chunk_file(path: &PathBuf, tx: &mpsc::Sender<Input>) {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = tx.blocking_send(Input::Failed(e));
+            return;
+        }
+    };
+    let mut chunker = Chunker::new(BufReader::with_capacity(1 << 20, file));
+    for span in chunker.by_ref() {
+        let msg = match span {
+            Ok(span) => Input::Entry(span.offset, span.entry),
+            Err(e) => Input::Failed(e),
+        };
+        let failed = matches!(msg, Input::Failed(_));
+        if tx.blocking_send(msg).is_err() || failed {
+            return;
+        }
+    }
+    if let Some((len, hash)) = chunker.finish() {
+        let _ = tx.blocking_send(Input::End(len, hash));
+    }
+}
+
+/// Owns one chunk stream: reads each requested chunk from the source, compresses it on a
+/// blocking thread, and writes it as a `Chunk` frame.
+struct ChunkWorker {
+    stream: quinn::SendStream,
+    file: Arc<File>,
+    path: PathBuf,
+    level: i32,
+    wire: Arc<AtomicU64>,
+    peer: String,
+}
+
+impl ChunkWorker {
+    async fn run(mut self, requests: Arc<Mutex<mpsc::Receiver<ChunkRequest>>>) -> Result<(), SessionError> {
+        loop {
+            let Some(req) = requests.lock().await.recv().await else {
+                let _ = self.stream.finish();
+                return Ok(());
+            };
+            let (file, level) = (self.file.clone(), self.level);
+            let encoded = tokio::task::spawn_blocking(move || encode_chunk(&file, req, level))
+                .await
+                .expect("chunk encoding does not panic")
+                .map_err(|source| {
+                    SessionError::Fatal(TransferError::Source {
+                        path: self.path.clone(),
+                        source,
+                    })
+                })?;
+            self.stream
+                .write_all(&encoded)
+                .await
+                .map_err(|e| write_error(&self.peer, e))?;
+            self.wire.fetch_add(encoded.len() as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Reads and compresses one chunk into a complete `Chunk` frame. A source that changed since it
+/// was chunked is caught here rather than by the receiver.
+fn encode_chunk(file: &File, req: ChunkRequest, level: i32) -> std::io::Result<Bytes> {
+    let mut raw = vec![0u8; req.len as usize];
+    file.read_exact_at(&mut raw, req.offset)?;
+    if ChunkId::of(&raw) != req.id {
+        return Err(std::io::Error::other(format!(
+            "bytes at offset {} changed since they were chunked: the source must not be modified during a transfer",
+            req.offset
+        )));
+    }
+    let encoded = codec::encode(&raw, level);
+    let frame = Frame::Chunk {
+        id: req.id,
+        raw_len: req.len,
+        encoding: encoded.encoding as u8,
+        payload: Bytes::from(encoded.payload),
+    };
+    let mut buf = BytesMut::with_capacity(frame.encoded_len());
+    frame.encode(&mut buf);
+    Ok(buf.freeze())
+}
