@@ -52,7 +52,10 @@ impl PageKind {
     pub fn classify(page: &[u8]) -> Self {
         if page.iter().all(|&b| b == 0) {
             PageKind::Zero
-        } else if page.iter().all(|&b| b == b'\n' || (0x20..0x7f).contains(&b)) {
+        } else if page
+            .iter()
+            .all(|&b| b == b'\n' || (0x20..0x7f).contains(&b))
+        {
             PageKind::Text
         } else {
             PageKind::Random
@@ -65,7 +68,7 @@ impl PageKind {
 pub fn write_checkpoint_like(path: &Path, size: u64, seed: u64) -> io::Result<()> {
     let mut out = BufWriter::with_capacity(IO_BUFFER, File::create(path)?);
     checkpoint_like_to(&mut out, size, seed)?;
-    out.into_inner().map_err(|e| e.into_error())?.sync_all()
+    out.flush()
 }
 
 /// Returns `size` bytes of checkpoint-like data, the same bytes [`write_checkpoint_like`]
@@ -145,7 +148,7 @@ pub fn write_rewritten_copy(src: &Path, dst: &Path, fraction: f64, seed: u64) ->
         out.write_all(&page[..len])?;
         left -= len as u64;
     }
-    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    out.flush()?;
     Ok(rewritten)
 }
 
@@ -176,25 +179,195 @@ fn plan_rewrites(rng: &mut Rng, pages: u64, fraction: f64) -> Vec<Option<PageKin
 
 /// Words for prose lines and names: the vocabulary of a runtime's heap.
 const WORDS: &[&str] = &[
-    "the", "of", "and", "to", "in", "is", "for", "on", "with", "as", "by", "at", "from", "not",
-    "request", "response", "handler", "worker", "thread", "queue", "buffer", "cache", "session",
-    "connection", "socket", "stream", "message", "packet", "frame", "header", "payload",
-    "client", "server", "service", "container", "process", "memory", "page", "region", "heap",
-    "stack", "alloc", "free", "mapped", "dirty", "clean", "shared", "private", "anonymous",
-    "file", "descriptor", "pipe", "signal", "timer", "event", "epoll", "futex", "mutex", "lock",
-    "retry", "timeout", "deadline", "backoff", "error", "warning", "failed", "succeeded",
-    "started", "stopped", "closed", "opened", "accepted", "rejected", "pending", "ready",
-    "running", "blocked", "idle", "active", "expired", "valid", "invalid", "user", "account",
-    "order", "invoice", "payment", "customer", "product", "item", "price", "quantity", "total",
-    "index", "table", "row", "column", "query", "commit", "rollback", "transaction", "snapshot",
-    "checkpoint", "restore", "migrate", "node", "cluster", "replica", "leader", "follower",
-    "term", "vote", "log", "entry", "offset", "length", "size", "count", "limit", "batch",
-    "chunk", "block", "sector", "device", "volume", "mount", "path", "config", "option",
-    "value", "key", "map", "list", "set", "string", "number", "object", "array", "null", "true",
-    "false", "json", "http", "tcp", "udp", "tls", "certificate", "token", "cookie", "header",
-    "metrics", "latency", "throughput", "bytes", "seconds", "millis", "percent", "ratio",
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "for",
+    "on",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "not",
+    "request",
+    "response",
+    "handler",
+    "worker",
+    "thread",
+    "queue",
+    "buffer",
+    "cache",
+    "session",
+    "connection",
+    "socket",
+    "stream",
+    "message",
+    "packet",
+    "frame",
+    "header",
+    "payload",
+    "client",
+    "server",
+    "service",
+    "container",
+    "process",
+    "memory",
+    "page",
+    "region",
+    "heap",
+    "stack",
+    "alloc",
+    "free",
+    "mapped",
+    "dirty",
+    "clean",
+    "shared",
+    "private",
+    "anonymous",
+    "file",
+    "descriptor",
+    "pipe",
+    "signal",
+    "timer",
+    "event",
+    "epoll",
+    "futex",
+    "mutex",
+    "lock",
+    "retry",
+    "timeout",
+    "deadline",
+    "backoff",
+    "error",
+    "warning",
+    "failed",
+    "succeeded",
+    "started",
+    "stopped",
+    "closed",
+    "opened",
+    "accepted",
+    "rejected",
+    "pending",
+    "ready",
+    "running",
+    "blocked",
+    "idle",
+    "active",
+    "expired",
+    "valid",
+    "invalid",
+    "user",
+    "account",
+    "order",
+    "invoice",
+    "payment",
+    "customer",
+    "product",
+    "item",
+    "price",
+    "quantity",
+    "total",
+    "index",
+    "table",
+    "row",
+    "column",
+    "query",
+    "commit",
+    "rollback",
+    "transaction",
+    "snapshot",
+    "checkpoint",
+    "restore",
+    "migrate",
+    "node",
+    "cluster",
+    "replica",
+    "leader",
+    "follower",
+    "term",
+    "vote",
+    "log",
+    "entry",
+    "offset",
+    "length",
+    "size",
+    "count",
+    "limit",
+    "batch",
+    "chunk",
+    "block",
+    "sector",
+    "device",
+    "volume",
+    "mount",
+    "path",
+    "config",
+    "option",
+    "value",
+    "key",
+    "map",
+    "list",
+    "set",
+    "string",
+    "number",
+    "object",
+    "array",
+    "null",
+    "true",
+    "false",
+    "json",
+    "http",
+    "tcp",
+    "udp",
+    "tls",
+    "certificate",
+    "token",
+    "cookie",
+    "header",
+    "metrics",
+    "latency",
+    "throughput",
+    "bytes",
+    "seconds",
+    "millis",
+    "percent",
+    "ratio",
 ];
-const LEVELS: &[&str] = &["TRACE", "DEBUG", "INFO ", "INFO ", "INFO ", "WARN ", "ERROR"];
+/// Log messages come from a fixed set of templates, as real log lines do.
+const MESSAGES: &[&str] = &[
+    "request handled",
+    "connection accepted from peer",
+    "connection closed by peer",
+    "cache miss, fetching from backend",
+    "cache entry expired",
+    "retrying after timeout",
+    "worker thread started",
+    "worker thread idle, parking",
+    "transaction committed",
+    "transaction rolled back after conflict",
+    "snapshot written to disk",
+    "session token refreshed",
+    "payment authorized",
+    "order queued for processing",
+    "slow query detected",
+    "buffer pool resized",
+    "gc cycle finished",
+    "heartbeat sent to leader",
+    "lease renewed",
+    "config reloaded",
+    "tls handshake completed",
+    "rate limit reached, backing off",
+    "file descriptor limit close",
+    "metrics flushed",
+];
+const LEVELS: &[&str] = &[
+    "TRACE", "DEBUG", "INFO ", "INFO ", "INFO ", "WARN ", "ERROR",
+];
 const STATES: &[&str] = &["running", "idle", "blocked", "stopped", "pending", "ready"];
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
@@ -237,8 +410,10 @@ impl TextGen {
         }
     }
 
+    /// A word of the vocabulary, the first ones more often (as in real text).
     fn word(&mut self) -> &'static str {
-        WORDS[self.rng.usize(..WORDS.len())]
+        let (a, b) = (self.rng.usize(..WORDS.len()), self.rng.usize(..WORDS.len()));
+        WORDS[a.min(b)]
     }
 
     fn log_line(&mut self) {
@@ -263,16 +438,15 @@ impl TextGen {
         let tid = self.rng.u64(1..64);
         self.dec(tid);
         self.push(b"] ");
-        for _ in 0..self.rng.usize(2..6) {
-            let w = self.word();
-            self.push(w.as_bytes());
-            self.push(b" ");
-        }
-        self.push(b"addr=0x7f");
-        let addr = self.rng.u64(0..1 << 40);
-        self.hex(addr, 10);
+        let message = MESSAGES[self.rng.usize(..MESSAGES.len())];
+        self.push(message.as_bytes());
+        self.push(b" ");
+        // Heap addresses share their high digits and are 16-byte aligned.
+        self.push(b"addr=0x7f3a");
+        let addr = self.rng.u64(0..1 << 24) << 4;
+        self.hex(addr, 8);
         self.push(b" id=");
-        let id = self.rng.u64(0..1_000_000);
+        let id = self.rng.u64(0..100_000);
         self.dec(id);
         self.push(b" took=");
         let took = self.rng.u64(0..2_000);
@@ -296,7 +470,7 @@ impl TextGen {
 
     fn record_line(&mut self) {
         self.push(b"{\"id\":");
-        let id = self.rng.u64(0..100_000_000);
+        let id = self.rng.u64(0..1_000_000);
         self.dec(id);
         self.push(b",\"name\":\"");
         let (a, b) = (self.word(), self.word());
@@ -307,7 +481,7 @@ impl TextGen {
         let state = STATES[self.rng.usize(..STATES.len())];
         self.push(state.as_bytes());
         self.push(b"\",\"mem\":");
-        let mem = self.rng.u64(0..1 << 30);
+        let mem = self.rng.u64(0..1 << 16) * 4096;
         self.dec(mem);
         self.push(b",\"cpu\":");
         let cpu = self.rng.u64(0..100);
@@ -417,7 +591,10 @@ mod tests {
         assert_eq!(b.len() as u64, size);
         let total = a.len().div_ceil(PAGE_SIZE);
         let differing = pages(&a).zip(pages(&b)).filter(|(x, y)| x != y).count();
-        assert_eq!(differing as u64, rewritten, "every rewritten page differs, no other");
+        assert_eq!(
+            differing as u64, rewritten,
+            "every rewritten page differs, no other"
+        );
         let expected = (total as f64 * 0.05).round() as u64;
         assert_eq!(rewritten, expected);
 
@@ -433,7 +610,10 @@ mod tests {
 
         // Same seed, same copy.
         let again = dir.path().join("again");
-        assert_eq!(write_rewritten_copy(&src, &again, 0.05, 12).unwrap(), rewritten);
+        assert_eq!(
+            write_rewritten_copy(&src, &again, 0.05, 12).unwrap(),
+            rewritten
+        );
         assert!(std::fs::read(&again).unwrap() == b);
     }
 

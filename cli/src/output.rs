@@ -49,13 +49,21 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let (digits, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
         None => (s, 1u64),
         Some((i, _)) => {
-            let mult = match s[i..].to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+            let mult = match s[i..]
+                .to_ascii_uppercase()
+                .trim_end_matches("IB")
+                .trim_end_matches('B')
+            {
                 "" => 1,
                 "K" => 1 << 10,
                 "M" => 1 << 20,
                 "G" => 1 << 30,
                 "T" => 1 << 40,
-                other => return Err(format!("unknown size unit {other:?} in {s:?}: use K, M, G or T")),
+                other => {
+                    return Err(format!(
+                        "unknown size unit {other:?} in {s:?}: use K, M, G or T"
+                    ))
+                }
             };
             (&s[..i], mult)
         }
@@ -64,7 +72,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .trim()
         .parse()
         .map_err(|_| format!("{s:?} is not a size like 512M or 10G"))?;
-    if !(value >= 0.0) {
+    if value.is_nan() || value < 0.0 {
         return Err(format!("{s:?} is not a positive size"));
     }
     Ok((value * mult as f64) as u64)

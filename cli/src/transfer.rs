@@ -104,7 +104,7 @@ pub fn receive(args: ReceiveArgs, out: &Output) -> anyhow::Result<()> {
         ..ReceiveOptions::default()
     };
     runtime()?.block_on(async {
-        let endpoint = quic::server_endpoint(&identity, args.listen)?;
+        let endpoint = quic::server_endpoint(&identity, args.listen, quic::DEFAULT_IDLE_TIMEOUT)?;
         let addr = endpoint.local_addr().context("reading the bound address")?;
         if args.json {
             out.json(&Listening {
@@ -149,7 +149,7 @@ pub fn send(args: SendArgs, out: &Output) -> anyhow::Result<()> {
         ..SendOptions::default()
     };
     runtime()?.block_on(async {
-        let endpoint = quic::client_endpoint(&identity, args.peer.as_deref())?;
+        let endpoint = quic::client_endpoint(&identity, args.peer.as_deref(), quic::DEFAULT_IDLE_TIMEOUT)?;
         let report = quic::send_file(&endpoint, args.to, &args.file, &options)
             .await
             .with_context(|| format!("sending {} to {}", args.file.display(), args.to))?;

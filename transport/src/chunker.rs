@@ -411,7 +411,7 @@ mod tests {
         let data = noise(1024 * 1024 + 3, 7);
         let mut chunker = Chunker::new(&data[..]);
         let mut count = 0;
-        for span in chunker.by_ref() {
+        while let Some(span) = chunker.next() {
             span.unwrap();
             assert_eq!(chunker.finish(), None, "no total before the end");
             count += 1;

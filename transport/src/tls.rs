@@ -1124,6 +1124,18 @@ mod tests {
     }
 
     #[test]
+    fn exposed_key_is_only_warned_about() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs = init_certs(&tmp.path().join("c"), &names(&["n1"])).unwrap();
+        let key = dirs[0].join("node.key");
+        fs::set_permissions(&key, Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(NodeIdentity::load(&dirs[0]).unwrap().name(), "n1");
+        // Re-issuing puts the mode back.
+        init_certs(&tmp.path().join("c"), &names(&["n1"])).unwrap();
+        assert_eq!(mode(&key), 0o600);
+    }
+
+    #[test]
     fn debug_does_not_print_the_key() {
         let tmp = tempfile::tempdir().unwrap();
         let dirs = init_certs(&tmp.path().join("c"), &names(&["n1"])).unwrap();

@@ -29,7 +29,7 @@ impl Source {
         let mut data = Vec::with_capacity(len);
         while data.len() < len {
             match rng.u8(..4) {
-                0 => data.extend(std::iter::repeat(0u8).take(CHUNK * rng.usize(1..4))),
+                0 => data.extend(std::iter::repeat_n(0u8, CHUNK * rng.usize(1..4))),
                 1 => data.extend_from_slice(&blocks[rng.usize(..blocks.len())]),
                 _ => data.extend((0..CHUNK).map(|_| rng.u8(..))),
             }
@@ -403,7 +403,7 @@ fn silent_peer_times_out_on_both_sides() {
     let mut rng = fastrand::Rng::with_seed(7);
     let source = Source::generate(&mut rng, 1024 * 1024);
     let mut link = Link::new(7, 0.0);
-    link.stall_at = Some(link.now + Duration::from_millis(5));
+    link.stall_at = Some(link.now + Duration::from_micros(600));
     let (mut store, mut output) = (HashMap::new(), Vec::new());
     let start = link.now;
     match run_session(&mut link, &source, &mut store, &mut output, 2) {

@@ -17,8 +17,9 @@
 //!   streams stay busy without waiting for window updates; memory stays bounded by these.
 //! - initial MTU 1452 (Ethernet 1500 minus IPv6 and UDP headers) with MTU discovery probing up
 //!   to 8952 (jumbo frames; loopback) and falling back on black holes.
-//! - idle timeout 20 s with 2 s keep-alives: a vanished peer is noticed within seconds, and a
-//!   long CRIU dump on the other side does not kill an idle connection.
+//! - idle timeout 20 s (configurable) with keep-alives every eighth of it: a vanished peer is
+//!   noticed within seconds, and a long CRIU dump on the other side does not kill an idle
+//!   connection.
 
 pub mod receive;
 pub mod send;
@@ -38,8 +39,12 @@ use crate::tls::{NodeIdentity, TlsError};
 pub use receive::{receive_file, ReceiveOptions, ReceiveReport};
 pub use send::{send_file, SendOptions, SendReport};
 
+/// The QUIC idle timeout used unless a caller asks otherwise.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Transport parameters for nodes on one LAN; see the module documentation for the reasons.
-pub fn lan_transport_config() -> quinn::TransportConfig {
+/// `idle_timeout` is how long a silent peer is given before the connection counts as lost.
+pub fn lan_transport_config(idle_timeout: Duration) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.initial_rtt(Duration::from_millis(2));
     t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
@@ -51,28 +56,34 @@ pub fn lan_transport_config() -> quinn::TransportConfig {
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(8952);
     t.mtu_discovery_config(Some(mtu));
-    t.max_idle_timeout(Some(
-        Duration::from_secs(20).try_into().expect("20 s fits an idle timeout"),
-    ));
-    t.keep_alive_interval(Some(Duration::from_secs(2)));
+    t.max_idle_timeout(idle_timeout.try_into().ok());
+    t.keep_alive_interval(Some(idle_timeout / 8));
     t
 }
 
 /// A server endpoint on `addr` that accepts only peers with a certificate of our CA.
-pub fn server_endpoint(identity: &NodeIdentity, addr: SocketAddr) -> Result<quinn::Endpoint, TransferError> {
+pub fn server_endpoint(
+    identity: &NodeIdentity,
+    addr: SocketAddr,
+    idle_timeout: Duration,
+) -> Result<quinn::Endpoint, TransferError> {
     let mut config = identity.server_config()?;
-    config.transport_config(Arc::new(lan_transport_config()));
+    config.transport_config(Arc::new(lan_transport_config(idle_timeout)));
     quinn::Endpoint::server(config, addr).map_err(|source| TransferError::Bind { addr, source })
 }
 
 /// A client endpoint (ephemeral port) that presents our certificate and checks the server's.
 /// With `expect_peer`, the server's certificate must also name that node.
-pub fn client_endpoint(identity: &NodeIdentity, expect_peer: Option<&str>) -> Result<quinn::Endpoint, TransferError> {
+pub fn client_endpoint(
+    identity: &NodeIdentity,
+    expect_peer: Option<&str>,
+    idle_timeout: Duration,
+) -> Result<quinn::Endpoint, TransferError> {
     let mut config = identity.client_config(expect_peer)?;
-    config.transport_config(Arc::new(lan_transport_config()));
+    config.transport_config(Arc::new(lan_transport_config(idle_timeout)));
     let bind: SocketAddr = "0.0.0.0:0".parse().expect("valid literal address");
-    let mut endpoint =
-        quinn::Endpoint::client(bind).map_err(|source| TransferError::Bind { addr: bind, source })?;
+    let mut endpoint = quinn::Endpoint::client(bind)
+        .map_err(|source| TransferError::Bind { addr: bind, source })?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
 }
@@ -109,6 +120,19 @@ pub enum TransferError {
         addr: String,
         /// What the TLS layer said.
         detail: String,
+    },
+    /// No connection to the peer could be made at all.
+    #[error(
+        "no answer from {addr} within {waited:?} ({last}): is `migrate receive` (or the node \
+         daemon) running there, and is its UDP port reachable from here?"
+    )]
+    Unreachable {
+        /// The peer.
+        addr: String,
+        /// How long we tried.
+        waited: Duration,
+        /// The last error.
+        last: String,
     },
     /// The connection dropped and no new one completed the transfer in time.
     #[error("connection to {addr} lost and not resumed within {waited:?}: {last} (is the peer still running?)")]
@@ -176,14 +200,18 @@ impl From<ProtocolError> for SessionError {
 fn classify(addr: &str, e: &quinn::ConnectionError) -> SessionError {
     use quinn::ConnectionError as C;
     match e {
-        C::ConnectionClosed(close) if is_crypto(close.error_code) => SessionError::Fatal(TransferError::Handshake {
-            addr: addr.to_string(),
-            detail: close.to_string(),
-        }),
-        C::TransportError(t) if is_crypto(t.code) => SessionError::Fatal(TransferError::Handshake {
-            addr: addr.to_string(),
-            detail: t.to_string(),
-        }),
+        C::ConnectionClosed(close) if is_crypto(close.error_code) => {
+            SessionError::Fatal(TransferError::Handshake {
+                addr: addr.to_string(),
+                detail: close.to_string(),
+            })
+        }
+        C::TransportError(t) if is_crypto(t.code) => {
+            SessionError::Fatal(TransferError::Handshake {
+                addr: addr.to_string(),
+                detail: t.to_string(),
+            })
+        }
         C::VersionMismatch => SessionError::Fatal(TransferError::Handshake {
             addr: addr.to_string(),
             detail: "no common QUIC version".into(),
@@ -256,10 +284,17 @@ impl FrameReader {
 }
 
 /// Writes one frame; returns its encoded length.
-async fn write_frame(stream: &mut quinn::SendStream, frame: &Frame, peer: &str) -> Result<usize, SessionError> {
+async fn write_frame(
+    stream: &mut quinn::SendStream,
+    frame: &Frame,
+    peer: &str,
+) -> Result<usize, SessionError> {
     let mut buf = BytesMut::with_capacity(frame.encoded_len());
     frame.encode(&mut buf);
-    stream.write_all(&buf).await.map_err(|e| write_error(peer, e))?;
+    stream
+        .write_all(&buf)
+        .await
+        .map_err(|e| write_error(peer, e))?;
     Ok(buf.len())
 }
 

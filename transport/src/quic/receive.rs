@@ -4,7 +4,6 @@
 //! only what the store still lacks is sent again.
 
 use std::fs::{File, OpenOptions};
-use std::io::Read;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -145,7 +144,10 @@ pub async fn receive_file(
 /// Where the output is assembled until its hash checks: never a half-written file under the
 /// final name.
 fn partial_path(out: &Path) -> PathBuf {
-    let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = out
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(".partial");
     out.with_file_name(name)
 }
@@ -226,9 +228,16 @@ async fn session(
             let mut r = shared.receiver.lock().expect("receiver lock");
             let frames: Vec<Frame> = std::iter::from_fn(|| r.poll_transmit()).collect();
             let new_copies: Vec<StoreCopy> = std::iter::from_fn(|| r.poll_copy()).collect();
-            (frames, new_copies, r.ready_to_verify(), r.error().cloned(), r.poll_timeout())
+            (
+                frames,
+                new_copies,
+                r.ready_to_verify(),
+                r.error().cloned(),
+                r.poll_timeout(),
+            )
         };
         for frame in &frames {
+            tracing::trace!(frame = frame.name(), "send");
             write_frame(&mut ctrl_send, frame, &peer).await?;
         }
         if frames.iter().any(|f| matches!(f, Frame::Done { .. })) {
@@ -245,12 +254,14 @@ async fn session(
             copies.spawn_blocking(move || copy_from_store(&shared, copy));
         }
         if verify && copies.is_empty() && shared.writes_in_flight.load(Ordering::Acquire) == 0 {
+            debug!("every chunk is in; hashing the output");
             let shared2 = shared.clone();
             let hash = tokio::task::spawn_blocking(move || finish_output(&shared2))
                 .await
                 .expect("hashing does not panic");
             match hash {
                 Ok(hash) => {
+                    debug!("output hashed");
                     let _ = shared.receiver.lock().expect("receiver lock").finish(hash);
                 }
                 Err(e) => shared.fail(AbortCode::Io, e.to_string()),
@@ -260,6 +271,7 @@ async fn session(
         tokio::select! {
             frame = reader.next() => match frame {
                 Ok(Some(frame)) => {
+                    tracing::trace!(frame = frame.name(), "recv");
                     let has = |id: &ChunkId| store.contains(id);
                     let _ = shared.receiver.lock().expect("receiver lock").handle_frame(frame, &has, Instant::now());
                 }
@@ -313,7 +325,11 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 /// Accepts the sender's chunk streams and runs each on its own task.
-async fn accept_chunk_streams(conn: quinn::Connection, shared: Arc<Shared>, peer: String) -> Result<(), SessionError> {
+async fn accept_chunk_streams(
+    conn: quinn::Connection,
+    shared: Arc<Shared>,
+    peer: String,
+) -> Result<(), SessionError> {
     let mut streams = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
@@ -346,20 +362,24 @@ async fn receive_chunks(mut reader: FrameReader, shared: Arc<Shared>) -> Result<
             );
             return Ok(());
         };
-        let admitted = shared
-            .receiver
-            .lock()
-            .expect("receiver lock")
-            .accept_chunk(&id, raw_len, Instant::now());
+        let admitted = shared.receiver.lock().expect("receiver lock").accept_chunk(
+            &id,
+            raw_len,
+            Instant::now(),
+        );
         if admitted.is_err() {
             shared.wake.notify_one();
             return Ok(());
         }
-        shared.wire.fetch_add(payload.len() as u64, Ordering::Relaxed);
+        shared
+            .wire
+            .fetch_add(payload.len() as u64, Ordering::Relaxed);
         let task_shared = shared.clone();
-        tokio::task::spawn_blocking(move || store_chunk(&task_shared, id, raw_len, encoding, &payload))
-            .await
-            .expect("chunk verification does not panic");
+        tokio::task::spawn_blocking(move || {
+            store_chunk(&task_shared, id, raw_len, encoding, &payload)
+        })
+        .await
+        .expect("chunk verification does not panic");
         shared.wake.notify_one();
     }
     Ok(())
@@ -368,7 +388,10 @@ async fn receive_chunks(mut reader: FrameReader, shared: Arc<Shared>) -> Result<
 /// Verifies a chunk against its id, stores it, and writes it wherever the stream has it.
 fn store_chunk(shared: &Shared, id: ChunkId, raw_len: u32, encoding: u8, payload: &[u8]) {
     let Ok(encoding) = Encoding::try_from(encoding) else {
-        return shared.fail(AbortCode::BadChunk, format!("chunk {id} has unknown encoding {encoding}"));
+        return shared.fail(
+            AbortCode::BadChunk,
+            format!("chunk {id} has unknown encoding {encoding}"),
+        );
     };
     let raw = match codec::decode_verified(&id, raw_len, encoding, payload) {
         Ok(raw) => raw,
@@ -438,17 +461,15 @@ fn finish_output(shared: &Shared) -> Result<ChunkId, TransferError> {
     shared.out.set_len(total).map_err(io)?;
     shared.store.sync()?;
     let mut hasher = blake3::Hasher::new();
-    let mut file = (&*shared.out).try_clone().map_err(io)?;
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0u64;
     while pos < total {
-        let n = file.read_at(&mut buf, pos).map_err(io)?;
+        let n = shared.out.read_at(&mut buf, pos).map_err(io)?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
         pos += n as u64;
     }
-    let _ = file.read(&mut []);
     Ok(ChunkId(*hasher.finalize().as_bytes()))
 }

@@ -87,23 +87,34 @@ pub async fn send_file(
         ..SendReport::default()
     };
     let peer = addr.to_string();
-    let mut lost_since: Option<(Instant, String)> = None;
+    // Since when the transfer has been without a working connection (from the start, until the
+    // first connection is up), and why.
+    let mut trouble_since = Instant::now();
+    let mut connected_once = false;
     let mut backoff = Duration::from_millis(50);
     loop {
-        report.connections += 1;
-        let attempt = async {
-            let conn = endpoint
-                .connect(addr, SERVER_NAME)
-                .map_err(|source| SessionError::Fatal(TransferError::Connect { addr, source }))?
-                .await
-                .map_err(|e| classify(&peer, &e))?;
-            info!(peer = %peer, "connected");
-            let result = session(&conn, path, &file, input_bytes, options, &wire, &mut report).await;
-            let reason: &[u8] = if result.is_ok() { b"done" } else { b"failed" };
-            conn.close(0u32.into(), reason);
-            result
+        let left = options.resume_timeout.saturating_sub(trouble_since.elapsed());
+        let connecting = endpoint
+            .connect(addr, SERVER_NAME)
+            .map_err(|source| TransferError::Connect { addr, source })?;
+        let outcome = match tokio::time::timeout(left, connecting).await {
+            Err(_) => Err(SessionError::Lost("the QUIC handshake did not complete".into())),
+            Ok(Err(e)) => Err(classify(&peer, &e)),
+            Ok(Ok(conn)) => {
+                info!(peer = %peer, resumed = connected_once, "connected");
+                connected_once = true;
+                report.connections += 1;
+                let result =
+                    session(&conn, path, &file, input_bytes, options, &wire, &mut report).await;
+                let reason: &[u8] = if result.is_ok() { b"done" } else { b"failed" };
+                conn.close(0u32.into(), reason);
+                if result.is_err() {
+                    trouble_since = Instant::now();
+                }
+                result
+            }
         };
-        match attempt.await {
+        match outcome {
             Ok(stats) => {
                 report.chunks = stats.chunks;
                 report.chunks_reused = stats.chunks_reused;
@@ -113,15 +124,22 @@ pub async fn send_file(
             }
             Err(SessionError::Fatal(e)) => return Err(e),
             Err(SessionError::Lost(why)) => {
-                let (since, _) = lost_since.get_or_insert_with(|| (Instant::now(), why.clone()));
-                if since.elapsed() >= options.resume_timeout {
-                    return Err(TransferError::Lost {
-                        addr: peer,
-                        waited: options.resume_timeout,
-                        last: why,
+                if trouble_since.elapsed() >= options.resume_timeout {
+                    return Err(if connected_once {
+                        TransferError::Lost {
+                            addr: peer,
+                            waited: options.resume_timeout,
+                            last: why,
+                        }
+                    } else {
+                        TransferError::Unreachable {
+                            addr: peer,
+                            waited: options.resume_timeout,
+                            last: why,
+                        }
                     });
                 }
-                warn!(peer = %peer, error = %why, "connection lost; reconnecting to resume");
+                warn!(peer = %peer, error = %why, "no connection; trying again");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
@@ -195,7 +213,9 @@ async fn session(
             }
         }
         while let Some(req) = sender.poll_chunk() {
-            let tx = req_tx.as_ref().expect("requests queue open while the session runs");
+            let tx = req_tx
+                .as_ref()
+                .expect("requests queue open while the session runs");
             if tx.send(req).await.is_err() {
                 break;
             }
@@ -213,7 +233,7 @@ async fn session(
                 loop {
                     match next {
                         Some(Input::Entry(offset, entry)) => sender.push_entry(offset, entry),
-                        Some(Input::End(len, hash)) => { sender.finish_input(len, hash); input_open = false; break; }
+                        Some(Input::End(len, hash)) => { debug!("source chunked"); sender.finish_input(len, hash); input_open = false; break; }
                         Some(Input::Failed(source)) => {
                             break_fatal(&mut sender);
                             return Err(SessionError::Fatal(TransferError::Source { path: path.to_path_buf(), source }));
@@ -302,7 +322,10 @@ struct ChunkWorker {
 }
 
 impl ChunkWorker {
-    async fn run(mut self, requests: Arc<Mutex<mpsc::Receiver<ChunkRequest>>>) -> Result<(), SessionError> {
+    async fn run(
+        mut self,
+        requests: Arc<Mutex<mpsc::Receiver<ChunkRequest>>>,
+    ) -> Result<(), SessionError> {
         loop {
             let Some(req) = requests.lock().await.recv().await else {
                 let _ = self.stream.finish();

@@ -1,0 +1,460 @@
+//! Whole transfers over real QUIC on the loopback: a clean transfer and its deduplicated
+//! repeat, a connection that goes dark mid-transfer and resumes, a sender with a foreign
+//! certificate, and hostile peers that send a bad chunk or a malformed frame. Every wait has a
+//! deadline; nothing sleeps to synchronise.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tempfile::TempDir;
+use tokio::net::UdpSocket;
+use tokio::time::timeout;
+use transport::chunker::Chunker;
+use transport::frame::{Frame, VERSION};
+use transport::protocol::ProtocolError;
+use transport::quic::{self, ReceiveOptions, SendOptions, TransferError};
+use transport::store::DiskStore;
+use transport::tls::{init_certs, NodeIdentity, SERVER_NAME};
+use transport::{ChunkId, ManifestEntry};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+static SEND: std::sync::LazyLock<SendOptions> = std::sync::LazyLock::new(SendOptions::default);
+static RECEIVE: std::sync::LazyLock<ReceiveOptions> =
+    std::sync::LazyLock::new(ReceiveOptions::default);
+
+struct Lab {
+    tmp: TempDir,
+    sender: NodeIdentity,
+    receiver: NodeIdentity,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs = init_certs(
+            &tmp.path().join("certs"),
+            &["sender".into(), "receiver".into()],
+        )
+        .unwrap();
+        Lab {
+            sender: NodeIdentity::load(&dirs[0]).unwrap(),
+            receiver: NodeIdentity::load(&dirs[1]).unwrap(),
+            tmp,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    fn store(&self) -> Arc<DiskStore> {
+        Arc::new(DiskStore::open(&self.path("store"), None).unwrap())
+    }
+}
+
+/// Mixed content like a memory dump: zero runs, repeated blocks, text and noise.
+fn write_source(path: &Path, len: usize, seed: u64) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let block: Vec<u8> = (0..100_000).map(|_| rng.u8(..)).collect();
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut written = 0;
+    while written < len {
+        let run = 4096 * rng.usize(1..64);
+        let bytes: Vec<u8> = match rng.u8(..4) {
+            0 => vec![0; run],
+            1 => block.iter().copied().cycle().take(run).collect(),
+            2 => (0..run)
+                .map(|i| b"lorem ipsum dolor sit amet "[i % 27])
+                .collect(),
+            _ => (0..run).map(|_| rng.u8(..)).collect(),
+        };
+        out.write_all(&bytes).unwrap();
+        written += run;
+    }
+}
+
+fn unique_nonzero_chunks(path: &Path) -> usize {
+    let chunker = Chunker::new(std::fs::File::open(path).unwrap());
+    let ids: HashSet<ChunkId> = chunker
+        .map(|s| s.unwrap().entry)
+        .filter(|e| !e.zero)
+        .map(|e| e.id)
+        .collect();
+    ids.len()
+}
+
+fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    std::fs::read(a).unwrap() == std::fs::read(b).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_then_repeat_sends_only_the_manifest() {
+    let lab = Lab::new();
+    let src = lab.path("src.bin");
+    write_source(&src, 24 << 20, 1);
+    let store = lab.store();
+    let server =
+        quic::server_endpoint(&lab.receiver, loopback(), quic::DEFAULT_IDLE_TIMEOUT).unwrap();
+    let addr = server.local_addr().unwrap();
+    let client =
+        quic::client_endpoint(&lab.sender, Some("receiver"), quic::DEFAULT_IDLE_TIMEOUT).unwrap();
+
+    for round in 0..2 {
+        let out = lab.path(&format!("out{round}.bin"));
+        let receiving = quic::receive_file(&server, store.clone(), &out, &RECEIVE);
+        let sending = quic::send_file(&client, addr, &src, &SEND);
+        let (received, sent) = timeout(DEADLINE, async { tokio::join!(receiving, sending) })
+            .await
+            .unwrap();
+        let (received, sent) = (received.unwrap(), sent.unwrap());
+        assert!(same_file(&src, &out), "round {round}: output differs");
+        assert_eq!(received.bytes_written, sent.input_bytes);
+        assert_eq!(received.peer, "sender");
+        if round == 0 {
+            assert_eq!(sent.chunks_sent as usize, unique_nonzero_chunks(&src));
+            assert!(
+                sent.wire_bytes < sent.input_bytes,
+                "zero runs and text must shrink"
+            );
+        } else {
+            assert_eq!(sent.chunks_sent, 0, "the store already had every chunk");
+            assert_eq!(sent.chunks_reused, sent.chunks);
+            assert!(sent.wire_bytes < sent.input_bytes / 100);
+        }
+    }
+    // Checkpoints hold secrets: the output is private.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(lab.path("out0.bin"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+/// Forwards UDP between clients and one server; while `dark` is set it drops everything.
+struct Proxy {
+    addr: SocketAddr,
+    dark: Arc<AtomicBool>,
+    /// Set when a client sends a QUIC Initial packet while the link is dark: it is reconnecting.
+    reconnecting: Arc<tokio::sync::Notify>,
+}
+
+impl Proxy {
+    async fn start(server: SocketAddr) -> Proxy {
+        let front = Arc::new(UdpSocket::bind(loopback()).await.unwrap());
+        let addr = front.local_addr().unwrap();
+        let dark = Arc::new(AtomicBool::new(false));
+        let reconnecting = Arc::new(tokio::sync::Notify::new());
+        let (d, r) = (dark.clone(), reconnecting.clone());
+        tokio::spawn(async move {
+            let mut backs: std::collections::HashMap<SocketAddr, Arc<UdpSocket>> =
+                Default::default();
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let (n, client) = front.recv_from(&mut buf).await.unwrap();
+                let initial = n > 0 && buf[0] & 0xf0 == 0xc0;
+                if d.load(Ordering::SeqCst) {
+                    if initial {
+                        r.notify_one();
+                    }
+                    continue;
+                }
+                let back = match backs.get(&client) {
+                    Some(b) => b.clone(),
+                    None => {
+                        let b = Arc::new(UdpSocket::bind(loopback()).await.unwrap());
+                        b.connect(server).await.unwrap();
+                        let (b2, f2, d2) = (b.clone(), front.clone(), d.clone());
+                        tokio::spawn(async move {
+                            let mut buf = vec![0u8; 65536];
+                            while let Ok(n) = b2.recv(&mut buf).await {
+                                if !d2.load(Ordering::SeqCst) {
+                                    let _ = f2.send_to(&buf[..n], client).await;
+                                }
+                            }
+                        });
+                        backs.insert(client, b.clone());
+                        b
+                    }
+                };
+                let _ = back.send(&buf[..n]).await;
+            }
+        });
+        Proxy {
+            addr,
+            dark,
+            reconnecting,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_goes_dark_is_resumed_without_resending_stored_chunks() {
+    let lab = Lab::new();
+    let src = lab.path("src.bin");
+    write_source(&src, 48 << 20, 2);
+    let unique = unique_nonzero_chunks(&src);
+    let store = lab.store();
+    let idle = Duration::from_millis(800);
+    let server = quic::server_endpoint(&lab.receiver, loopback(), idle).unwrap();
+    let proxy = Proxy::start(server.local_addr().unwrap()).await;
+    let client = quic::client_endpoint(&lab.sender, None, idle).unwrap();
+    let out = lab.path("out.bin");
+
+    let receiving = quic::receive_file(&server, store.clone(), &out, &RECEIVE);
+    let sending = quic::send_file(&client, proxy.addr, &src, &SEND);
+    let stored_before_drop = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let saboteur = {
+        let (store, dark, reconnecting, stored) = (
+            store.clone(),
+            proxy.dark.clone(),
+            proxy.reconnecting.clone(),
+            stored_before_drop.clone(),
+        );
+        async move {
+            // Let a quarter of the chunks land, then cut the link until the sender reconnects.
+            while store.len() < unique / 4 {
+                tokio::task::yield_now().await;
+            }
+            dark.store(true, Ordering::SeqCst);
+            stored.store(store.len(), Ordering::SeqCst);
+            reconnecting.notified().await;
+            dark.store(false, Ordering::SeqCst);
+        }
+    };
+    let (received, sent, ()) = timeout(DEADLINE, async {
+        tokio::join!(receiving, sending, saboteur)
+    })
+    .await
+    .expect("the transfer resumed and finished");
+    let (received, sent) = (received.unwrap(), sent.unwrap());
+    assert!(same_file(&src, &out));
+    assert!(sent.connections >= 2, "the sender reconnected");
+    assert!(
+        received.connections >= 2,
+        "the receiver accepted the resumed connection"
+    );
+    let stored = stored_before_drop.load(Ordering::SeqCst);
+    assert!(stored >= unique / 4);
+    // The final connection carried only what the store lacked when it began.
+    assert!(
+        received.chunks_received as usize <= unique - stored,
+        "{} chunks re-sent although {stored} of {unique} were stored",
+        received.chunks_received
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_with_a_foreign_certificate_is_refused_before_any_data() {
+    let lab = Lab::new();
+    let foreign_dirs = init_certs(&lab.path("other-ca"), &["sender".into()]).unwrap();
+    let foreign = NodeIdentity::load(&foreign_dirs[0]).unwrap();
+    let src = lab.path("src.bin");
+    write_source(&src, 4 << 20, 3);
+    let store = lab.store();
+    let server =
+        quic::server_endpoint(&lab.receiver, loopback(), quic::DEFAULT_IDLE_TIMEOUT).unwrap();
+    let addr = server.local_addr().unwrap();
+    let out = lab.path("out.bin");
+    let receiving = tokio::spawn({
+        let (server, store, out) = (server.clone(), store.clone(), out.clone());
+        async move { quic::receive_file(&server, store, &out, &RECEIVE).await }
+    });
+
+    let intruder = quic::client_endpoint(&foreign, None, quic::DEFAULT_IDLE_TIMEOUT).unwrap();
+    let err = timeout(DEADLINE, quic::send_file(&intruder, addr, &src, &SEND))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, TransferError::Handshake { .. }), "{err}");
+    assert!(err.to_string().contains("same cluster CA"), "{err}");
+    assert!(store.is_empty(), "no chunk may arrive from a refused peer");
+    assert!(!out.exists());
+
+    // The receiver is still waiting, and a sender of the cluster gets through.
+    let client = quic::client_endpoint(&lab.sender, None, quic::DEFAULT_IDLE_TIMEOUT).unwrap();
+    timeout(DEADLINE, quic::send_file(&client, addr, &src, &SEND))
+        .await
+        .unwrap()
+        .unwrap();
+    timeout(DEADLINE, receiving)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(same_file(&src, &out));
+}
+
+/// A peer with a valid certificate that speaks the protocol badly: it writes `control` frames
+/// (then raw `control_tail` bytes) on the control stream and `chunks` on a chunk stream. Returns
+/// the receiver's error, after checking nothing was left behind.
+async fn hostile_session(
+    control: Vec<Frame>,
+    control_tail: &[u8],
+    chunks: Vec<Frame>,
+) -> TransferError {
+    let lab = Lab::new();
+    let store = lab.store();
+    let server =
+        quic::server_endpoint(&lab.receiver, loopback(), quic::DEFAULT_IDLE_TIMEOUT).unwrap();
+    let addr = server.local_addr().unwrap();
+    let out = lab.path("out.bin");
+    let receiving = quic::receive_file(&server, store.clone(), &out, &RECEIVE);
+    let client = quic::client_endpoint(&lab.sender, None, quic::DEFAULT_IDLE_TIMEOUT).unwrap();
+    let attack = async {
+        let conn = client.connect(addr, SERVER_NAME).unwrap().await.unwrap();
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        let mut buf = BytesMut::new();
+        for f in &control {
+            f.encode(&mut buf);
+        }
+        buf.extend_from_slice(control_tail);
+        send.write_all(&buf).await.unwrap();
+        if !chunks.is_empty() {
+            let mut uni = conn.open_uni().await.unwrap();
+            let mut buf = BytesMut::new();
+            for f in &chunks {
+                f.encode(&mut buf);
+            }
+            uni.write_all(&buf).await.unwrap();
+        }
+        // Keep the connection open until the receiver gives up on us.
+        conn.closed().await
+    };
+    let (result, _) = timeout(DEADLINE, async { tokio::join!(receiving, attack) })
+        .await
+        .unwrap();
+    let err = result.unwrap_err();
+    assert!(
+        store.is_empty(),
+        "a refused chunk must never reach the store"
+    );
+    assert!(
+        !out.exists() && !lab.path("out.bin.partial").exists(),
+        "no half-made output"
+    );
+    err
+}
+
+fn entry_for(data: &[u8]) -> ManifestEntry {
+    ManifestEntry {
+        id: ChunkId::of(data),
+        len: data.len() as u32,
+        zero: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_that_does_not_match_its_id_is_refused() {
+    let good = vec![7u8; 1000];
+    let e = entry_for(&good);
+    let err = hostile_session(
+        vec![
+            Frame::Hello {
+                version: VERSION,
+                stream_len: 1000,
+            },
+            Frame::Manifest {
+                first_index: 0,
+                entries: vec![e],
+            },
+        ],
+        &[],
+        vec![Frame::Chunk {
+            id: e.id,
+            raw_len: 1000,
+            encoding: 0,
+            payload: vec![8u8; 1000].into(),
+        }],
+    )
+    .await;
+    match err {
+        TransferError::Protocol(ProtocolError::Local { ref message, .. }) => {
+            assert!(message.contains("refused"), "{message}")
+        }
+        other => panic!("expected a bad-chunk error, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decompression_bomb_is_refused() {
+    let zeros = vec![0u8; 8 << 20];
+    let bomb = zstd::bulk::compress(&zeros, 19).unwrap();
+    let claimed = vec![1u8; 4096];
+    let e = entry_for(&claimed);
+    let err = hostile_session(
+        vec![
+            Frame::Hello {
+                version: VERSION,
+                stream_len: 4096,
+            },
+            Frame::Manifest {
+                first_index: 0,
+                entries: vec![e],
+            },
+        ],
+        &[],
+        vec![Frame::Chunk {
+            id: e.id,
+            raw_len: 4096,
+            encoding: 1,
+            payload: bomb.into(),
+        }],
+    )
+    .await;
+    assert!(
+        matches!(err, TransferError::Protocol(ProtocolError::Local { .. })),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_frame_closes_the_transfer() {
+    // A Chunk header claiming 16 MiB: refused from its five header bytes.
+    let header = [0x05, 0, 0, 0, 0x01];
+    let err = hostile_session(
+        vec![Frame::Hello {
+            version: VERSION,
+            stream_len: 10,
+        }],
+        &header,
+        vec![],
+    )
+    .await;
+    assert!(matches!(err, TransferError::Frame { .. }), "{err}");
+    assert!(err.to_string().contains("more than"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_frame_type_closes_the_transfer() {
+    let err = hostile_session(vec![], &[0x7f, 1, 0, 0, 0, 0], vec![]).await;
+    assert!(err.to_string().contains("unknown frame type"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_protocol_version_is_refused() {
+    let err = hostile_session(
+        vec![Frame::Hello {
+            version: VERSION + 1,
+            stream_len: 10,
+        }],
+        &[],
+        vec![],
+    )
+    .await;
+    assert!(
+        matches!(err, TransferError::Protocol(ProtocolError::Version { .. })),
+        "{err}"
+    );
+}
