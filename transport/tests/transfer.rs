@@ -314,7 +314,7 @@ async fn hostile_session(
     let client = quic::client_endpoint(&lab.sender, None, quic::DEFAULT_IDLE_TIMEOUT).unwrap();
     let attack = async {
         let conn = client.connect(addr, SERVER_NAME).unwrap().await.unwrap();
-        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
         let mut buf = BytesMut::new();
         for f in &control {
             f.encode(&mut buf);
@@ -322,6 +322,22 @@ async fn hostile_session(
         buf.extend_from_slice(control_tail);
         send.write_all(&buf).await.unwrap();
         if !chunks.is_empty() {
+            // Like a real sender, wait to be asked: a chunk before its Need is refused anyway.
+            let mut inbox = BytesMut::new();
+            loop {
+                match transport::frame::decode(&mut inbox).unwrap() {
+                    Some(Frame::Need { .. }) => break,
+                    Some(_) => continue,
+                    None => {
+                        let chunk = recv
+                            .read_chunk(4096, true)
+                            .await
+                            .unwrap()
+                            .expect("receiver answers");
+                        inbox.extend_from_slice(&chunk.bytes);
+                    }
+                }
+            }
             let mut uni = conn.open_uni().await.unwrap();
             let mut buf = BytesMut::new();
             for f in &chunks {

@@ -372,6 +372,11 @@ impl Receiver {
         self.copies.pop_front()
     }
 
+    /// Copies queued and not yet taken with [`Receiver::poll_copy`].
+    pub fn copies_queued(&self) -> usize {
+        self.copies.len()
+    }
+
     /// When [`Receiver::handle_timeout`] should be called next, if the receiver waits on its peer.
     pub fn poll_timeout(&self) -> Option<Instant> {
         matches!(

@@ -160,6 +160,11 @@ fn evict(store: &DiskStore) {
     }
 }
 
+/// Blocking tasks copying chunks from the store into the output at once: one per core.
+const COPY_TASKS: usize = 2;
+/// Copies handed to one such task.
+const COPY_BATCH: usize = 64;
+
 /// State shared by the control loop and the chunk-stream tasks.
 struct Shared {
     receiver: Mutex<Receiver>,
@@ -223,15 +228,25 @@ async fn session(
     let mut copies = tokio::task::JoinSet::new();
     let mut lost: Option<SessionError> = None;
     let outcome = loop {
-        // Drain the state machine: frames to send, copies to start, the final check.
+        // Drain the state machine: frames to send, copies to start (a bounded number of tasks,
+        // each a batch), the final check.
         let (frames, new_copies, verify, error, timeout) = {
             let mut r = shared.receiver.lock().expect("receiver lock");
             let frames: Vec<Frame> = std::iter::from_fn(|| r.poll_transmit()).collect();
-            let new_copies: Vec<StoreCopy> = std::iter::from_fn(|| r.poll_copy()).collect();
+            let mut batches = Vec::new();
+            while copies.len() + batches.len() < COPY_TASKS {
+                let batch: Vec<StoreCopy> = std::iter::from_fn(|| r.poll_copy())
+                    .take(COPY_BATCH)
+                    .collect();
+                if batch.is_empty() {
+                    break;
+                }
+                batches.push(batch);
+            }
             (
                 frames,
-                new_copies,
-                r.ready_to_verify(),
+                batches,
+                r.ready_to_verify() && r.copies_queued() == 0,
                 r.error().cloned(),
                 r.poll_timeout(),
             )
@@ -249,9 +264,13 @@ async fn session(
         if let Some(e) = lost.take() {
             break Err(e);
         }
-        for copy in new_copies {
+        for batch in new_copies {
             let shared = shared.clone();
-            copies.spawn_blocking(move || copy_from_store(&shared, copy));
+            copies.spawn_blocking(move || {
+                batch
+                    .into_iter()
+                    .try_for_each(|c| copy_from_store(&shared, c))
+            });
         }
         if verify && copies.is_empty() && shared.writes_in_flight.load(Ordering::Acquire) == 0 {
             debug!("every chunk is in; hashing the output");

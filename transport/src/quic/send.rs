@@ -93,12 +93,16 @@ pub async fn send_file(
     let mut connected_once = false;
     let mut backoff = Duration::from_millis(50);
     loop {
-        let left = options.resume_timeout.saturating_sub(trouble_since.elapsed());
+        let left = options
+            .resume_timeout
+            .saturating_sub(trouble_since.elapsed());
         let connecting = endpoint
             .connect(addr, SERVER_NAME)
             .map_err(|source| TransferError::Connect { addr, source })?;
         let outcome = match tokio::time::timeout(left, connecting).await {
-            Err(_) => Err(SessionError::Lost("the QUIC handshake did not complete".into())),
+            Err(_) => Err(SessionError::Lost(
+                "the QUIC handshake did not complete".into(),
+            )),
             Ok(Err(e)) => Err(classify(&peer, &e)),
             Ok(Ok(conn)) => {
                 info!(peer = %peer, resumed = connected_once, "connected");

@@ -1,0 +1,39 @@
+# The project's commands. `make demo` and `make test` are the two the README promises.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: demo test lint unit deps bench bench-micro fuzz clean
+
+## demo: build, then move a generated checkpoint-like file between two `migrate` processes
+## over QUIC with mutual TLS, and again after 5% of it changed (dedup).
+demo: deps
+	./scripts/demo.sh
+
+## test: formatting, clippy, then every test of the workspace.
+test: deps lint unit
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --workspace
+
+## deps: system packages the demo, tests and benchmarks need (Debian; run as root).
+deps:
+	./scripts/install-deps.sh
+
+## bench: the side-by-side transfer benchmark against zstd | TCP | zstd -d.
+bench: deps
+	./benches/run-transfer.sh
+
+## bench-micro: criterion benches for chunking, hashing and compression.
+bench-micro:
+	$(CARGO) bench -p benches
+
+## fuzz: the frame decoder under libFuzzer (needs the nightly toolchain and cargo-fuzz).
+fuzz:
+	cd transport && $(CARGO) +nightly fuzz run frame_decoder -- -max_total_time=120
+
+clean:
+	$(CARGO) clean

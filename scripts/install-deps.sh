@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the demo, tests and benchmarks use, when they are missing.
+# The Rust toolchain itself is expected (cargo, rustc, rustfmt, clippy).
+set -euo pipefail
+
+need=()
+command -v zstd >/dev/null || need+=(zstd)
+command -v cc >/dev/null || need+=(gcc)
+command -v make >/dev/null || need+=(make)
+if ((${#need[@]})); then
+    if [[ $EUID -ne 0 ]]; then
+        echo "missing packages: ${need[*]}; run as root or install them" >&2
+        exit 1
+    fi
+    echo "installing: ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+for tool in cargo rustfmt; do
+    command -v "$tool" >/dev/null || { echo "$tool not found: install the Rust toolchain (rustup)" >&2; exit 1; }
+done
+cargo clippy --version >/dev/null 2>&1 || { echo "clippy not found: rustup component add clippy" >&2; exit 1; }
