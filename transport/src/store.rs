@@ -11,10 +11,14 @@
 //! is a 9-byte header (magic `CKS1`, the [`Encoding`] byte, the raw length as little-endian
 //! `u32`) followed by the payload.
 //!
-//! Crash safety: [`DiskStore::put`] writes a temp file (O_EXCL), `fdatasync`s it and renames it
-//! into place, so a chunk's final name only ever holds a complete chunk. The fsync of the shard
-//! directories is batched into [`DiskStore::sync`], which callers run before telling the peer a
-//! transfer is complete. [`DiskStore::open`] removes leftover temp files and stray names.
+//! Crash safety: a chunk reaches its final name only as temp file (O_EXCL), `fdatasync`, rename,
+//! so a final name only ever holds a complete chunk. The fsync is taken off the transfer's
+//! critical path: [`DiskStore::put`] writes the temp file and indexes the chunk at once
+//! (readable from the temp file), and [`DiskStore::commit_some`], run by the caller on as many
+//! threads as the disk likes, does the fdatasync and rename. [`DiskStore::sync`] commits what
+//! is left, then fsyncs the directories; a chunk not committed when the process dies is simply
+//! gone (its temp file is removed by the next [`DiskStore::open`], with any stray names) and is
+//! fetched again by the next transfer that needs it.
 //!
 //! Size cap: an in-memory index (id → size on disk, last use) is built at open from the files,
 //! ordered by mtime. Use updates the mtime too, so least-recently-used order survives a restart.
@@ -23,13 +27,13 @@
 //! [`DiskStore`] per root at a time: a second one opening the same root would delete the first
 //! one's temp files.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use thiserror::Error;
@@ -200,6 +204,12 @@ struct State {
     shard_dirty: [bool; 256],
     /// `chunks/` gained shard directories not yet fsynced.
     chunks_dirty: bool,
+    /// Indexed chunks still in their temp file, awaiting fdatasync and rename.
+    pending: HashMap<ChunkId, PathBuf>,
+    /// Order in which pending chunks are committed.
+    queue: VecDeque<ChunkId>,
+    /// Commits taken off the queue and not finished.
+    committing: usize,
 }
 
 impl State {
@@ -230,6 +240,8 @@ pub struct DiskStore {
     tmp_dir: PathBuf,
     cap: Option<u64>,
     state: Mutex<State>,
+    /// Signalled whenever a commit finishes.
+    committed: Condvar,
     /// Sequence for temp file names.
     temp_seq: AtomicU64,
 }
@@ -370,6 +382,9 @@ impl DiskStore {
             shard_exists: [false; 256],
             shard_dirty: [false; 256],
             chunks_dirty: false,
+            pending: HashMap::new(),
+            queue: VecDeque::new(),
+            committing: 0,
         };
         let mut found = scan_chunks(&chunks_dir, &mut state.shard_exists)?;
         found.sort_unstable_by_key(|&(mtime, id, _)| (mtime, id));
@@ -385,6 +400,7 @@ impl DiskStore {
             tmp_dir,
             cap: cap_bytes,
             state: Mutex::new(state),
+            committed: Condvar::new(),
             temp_seq: AtomicU64::new(0),
         })
     }
@@ -412,8 +428,9 @@ impl DiskStore {
     /// in its encoded form. Returns `false`, writing nothing, if the chunk is already present
     /// (it is then marked used).
     ///
-    /// On error nothing is left behind: the temp file is removed. The chunk is readable at once
-    /// but survives a crash only after [`DiskStore::sync`].
+    /// The chunk is indexed and readable at once, from its temp file; it reaches its final name
+    /// (fdatasync, rename) through [`DiskStore::commit_some`] or [`DiskStore::sync`]. On error
+    /// nothing is left behind.
     pub fn put(&self, id: &ChunkId, raw_len: u32, encoded: &Encoded) -> Result<bool, StoreError> {
         check_encoded(id, raw_len, encoded)?;
         if self.contains(id) {
@@ -421,29 +438,86 @@ impl DiskStore {
             return Ok(false);
         }
         let temp = self.write_temp(id, raw_len, encoded)?;
-        let target = self.chunk_path(id);
-        if let Err(e) = self.install(id, &temp, &target) {
-            let _ = fs::remove_file(&temp);
-            return Err(e);
-        }
         let size = (HEADER_LEN + encoded.payload.len()) as u64;
         let mut state = self.state();
-        state.shard_dirty[usize::from(id.0[0])] = true;
+        if state.index.contains_key(id) {
+            // Another thread stored the same chunk meanwhile.
+            drop(state);
+            let _ = fs::remove_file(&temp);
+            return Ok(false);
+        }
         let last_used = state.tick();
-        // Another thread may have stored the same chunk meanwhile; the rename replaced its file
-        // with identical bytes, so only the accounting needs care.
-        let previous = state.index.insert(*id, Meta { size, last_used });
+        state.index.insert(*id, Meta { size, last_used });
         state.total += size;
-        match previous {
-            Some(old) => {
-                state.total -= old.size;
-                Ok(false)
+        state.pending.insert(*id, temp);
+        state.queue.push_back(*id);
+        Ok(true)
+    }
+
+    /// Chunks stored by [`DiskStore::put`] and not yet committed.
+    pub fn pending(&self) -> usize {
+        self.state().queue.len()
+    }
+
+    /// Commits up to `max` pending chunks, oldest first: fdatasync of the temp file, then rename
+    /// to the final name. Returns how many it committed. Safe to run on several threads at
+    /// once; each chunk is committed by exactly one. A chunk whose commit fails is dropped from
+    /// the store and the error returned.
+    pub fn commit_some(&self, max: usize) -> Result<usize, StoreError> {
+        let mut done = 0;
+        while done < max {
+            let (id, temp) = {
+                let mut state = self.state();
+                let Some(id) = state.queue.pop_front() else {
+                    break;
+                };
+                let Some(temp) = state.pending.get(&id).cloned() else {
+                    continue;
+                };
+                state.committing += 1;
+                (id, temp)
+            };
+            let result = self.commit_one(&id, &temp);
+            let mut state = self.state();
+            state.committing -= 1;
+            state.pending.remove(&id);
+            match result {
+                Ok(()) => state.shard_dirty[usize::from(id.0[0])] = true,
+                Err(e) => {
+                    state.remove(&id);
+                    drop(state);
+                    let _ = fs::remove_file(&temp);
+                    self.committed.notify_all();
+                    return Err(e);
+                }
             }
-            None => Ok(true),
+            drop(state);
+            self.committed.notify_all();
+            done += 1;
+        }
+        Ok(done)
+    }
+
+    fn commit_one(&self, id: &ChunkId, temp: &Path) -> Result<(), StoreError> {
+        File::open(temp).and_then(|f| f.sync_data()).map_err(|e| {
+            classify(e, temp, |source| StoreError::Write {
+                id: *id,
+                path: temp.to_path_buf(),
+                source,
+            })
+        })?;
+        self.install(id, temp, &self.chunk_path(id))
+    }
+
+    /// Where a chunk's bytes are now: its temp file while pending, else its final name.
+    fn current_path(&self, id: &ChunkId) -> PathBuf {
+        match self.state().pending.get(id) {
+            Some(temp) => temp.clone(),
+            None => self.chunk_path(id),
         }
     }
 
-    /// Writes header and payload to a fresh temp file, sets its mtime and fdatasyncs it.
+    /// Writes header and payload to a fresh temp file and sets its mtime.
     /// Returns the temp path; removes the file on failure.
     fn write_temp(
         &self,
@@ -456,8 +530,7 @@ impl DiskStore {
         let written = file
             .write_all(&header(encoded.encoding, raw_len))
             .and_then(|()| file.write_all(&encoded.payload))
-            .and_then(|()| file.set_modified(mtime))
-            .and_then(|()| file.sync_data());
+            .and_then(|()| file.set_modified(mtime));
         match written {
             Ok(()) => Ok(path),
             Err(e) => {
@@ -562,13 +635,19 @@ impl DiskStore {
         if !self.contains(id) {
             return Ok(None);
         }
-        let path = self.chunk_path(id);
+        let mut path = self.current_path(id);
+        let mut opened = File::open(&path);
+        if matches!(&opened, Err(e) if e.kind() == io::ErrorKind::NotFound) {
+            // A commit may have renamed the temp file since we looked.
+            path = self.current_path(id);
+            opened = File::open(&path);
+        }
         let read_err = |source| StoreError::Read {
             id: *id,
             path: path.clone(),
             source,
         };
-        let file = match File::open(&path) {
+        let file = match opened {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // Deleted behind our back: the index was stale.
@@ -621,25 +700,39 @@ impl DiskStore {
             }
             state.next_mtime()
         };
-        let path = self.chunk_path(id);
+        let path = self.current_path(id);
         let result = match open {
             Some(file) => file.set_modified(mtime),
             None => File::open(&path).and_then(|f| f.set_modified(mtime)),
         };
         match result {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                self.state().remove(id);
-            }
+            // Renamed by a commit or deleted meanwhile: the order is best effort, and a read
+            // notices a missing file.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => {
                 tracing::debug!(chunk = %id, path = %path.display(), error = %e, "setting mtime")
             }
         }
     }
 
-    /// Flushes to disk the directory entries of every chunk stored since the last call, so
-    /// they survive a crash. Call before telling the peer a transfer is complete.
+    /// Commits every pending chunk (waiting for commits running on other threads), then
+    /// flushes the directory entries of every chunk committed since the last call, so they
+    /// survive a crash. Call before the process exits, or chunks still pending are lost.
     pub fn sync(&self) -> Result<(), StoreError> {
+        loop {
+            self.commit_some(usize::MAX)?;
+            let mut state = self.state();
+            while state.committing > 0 {
+                state = self
+                    .committed
+                    .wait(state)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+            if state.queue.is_empty() {
+                break;
+            }
+        }
         let (mut dirty, chunks_dirty) = {
             let mut state = self.state();
             let dirty = std::mem::replace(&mut state.shard_dirty, [false; 256]);
@@ -706,8 +799,8 @@ impl DiskStore {
             }
             let mut state = self.state();
             match state.index.get(&id) {
-                // Still there and not used since the snapshot.
-                Some(meta) if meta.last_used == last_used => {}
+                // Still there, not used since the snapshot, and committed.
+                Some(meta) if meta.last_used == last_used && !state.pending.contains_key(&id) => {}
                 _ => continue,
             }
             // Deleting under the lock keeps a concurrent put of the same id from losing its
@@ -879,6 +972,67 @@ mod tests {
         (ChunkId::of(&raw), len as u32, encoded, raw)
     }
 
+    /// Puts and commits at once, as the tests of durable behaviour need.
+    fn put_now(store: &DiskStore, id: &ChunkId, len: u32, encoded: &Encoded) -> bool {
+        let stored = store.put(id, len, encoded).unwrap();
+        store.sync().unwrap();
+        stored
+    }
+
+    #[test]
+    fn a_pending_chunk_is_readable_and_a_crash_before_commit_loses_it_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, len, encoded, raw) = chunk(11, 40_000, true);
+        {
+            let store = DiskStore::open(dir.path(), None).unwrap();
+            assert!(store.put(&id, len, &encoded).unwrap());
+            assert_eq!(store.pending(), 1);
+            assert!(store.contains(&id));
+            assert_eq!(
+                store.get(&id).unwrap().unwrap(),
+                raw,
+                "readable before its commit"
+            );
+            assert!(
+                !store.chunk_path(&id).exists(),
+                "no final name before fdatasync"
+            );
+            // "Crash": the store goes away with the chunk uncommitted.
+        }
+        let store = DiskStore::open(dir.path(), None).unwrap();
+        assert!(
+            !store.contains(&id),
+            "an uncommitted chunk is gone, not corrupt"
+        );
+        assert_eq!(files_in(&dir.path().join("tmp")), 0);
+        assert!(put_now(&store, &id, len, &encoded));
+        assert!(store.chunk_path(&id).exists());
+        assert_eq!(store.pending(), 0);
+    }
+
+    #[test]
+    fn commits_from_several_threads_each_commit_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path(), None).unwrap();
+        let chunks: Vec<_> = (0..64).map(|i| chunk(100 + i, 3000, i % 2 == 0)).collect();
+        for (id, len, enc, _) in &chunks {
+            store.put(id, *len, enc).unwrap();
+        }
+        let committed: usize = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| store.commit_some(usize::MAX).unwrap()))
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).sum()
+        });
+        assert_eq!(committed, 64);
+        store.sync().unwrap();
+        for (id, _, _, raw) in &chunks {
+            assert!(store.chunk_path(id).exists());
+            assert_eq!(&store.get(id).unwrap().unwrap(), raw);
+        }
+        assert_eq!(files_in(&dir.path().join("tmp")), 0);
+    }
+
     fn mode(path: &Path) -> u32 {
         fs::metadata(path).unwrap().permissions().mode() & 0o7777
     }
@@ -896,10 +1050,10 @@ mod tests {
         assert_eq!(encoded.encoding, Encoding::Zstd);
         assert!(!store.contains(&id));
         assert_eq!(store.get(&id).unwrap(), None);
-        assert!(store.put(&id, len, &encoded).unwrap());
+        assert!(put_now(&store, &id, len, &encoded));
         assert!(store.contains(&id));
         assert!(
-            !store.put(&id, len, &encoded).unwrap(),
+            !put_now(&store, &id, len, &encoded),
             "second put is a no-op"
         );
         assert_eq!(store.len(), 1);
@@ -909,7 +1063,7 @@ mod tests {
 
         let (id2, len2, encoded2, raw2) = chunk(2, 20_000, false);
         assert_eq!(encoded2.encoding, Encoding::Raw);
-        assert!(store.put(&id2, len2, &encoded2).unwrap());
+        assert!(put_now(&store, &id2, len2, &encoded2));
         assert_eq!(store.get(&id2).unwrap().unwrap(), raw2);
         store.sync().unwrap();
         assert_eq!(files_in(&dir.path().join("tmp")), 0);
@@ -924,7 +1078,7 @@ mod tests {
         let bytes = {
             let store = DiskStore::open(dir.path(), None).unwrap();
             for (id, len, encoded, _) in &chunks {
-                store.put(id, *len, encoded).unwrap();
+                put_now(&store, id, *len, encoded);
             }
             store.sync().unwrap();
             store.bytes()
@@ -945,7 +1099,7 @@ mod tests {
         fs::set_permissions(&root, Permissions::from_mode(0o755)).unwrap();
         let store = DiskStore::open(&root, None).unwrap();
         let (id, len, encoded, _) = chunk(3, 1000, true);
-        store.put(&id, len, &encoded).unwrap();
+        put_now(&store, &id, len, &encoded);
         assert_eq!(mode(&root), 0o700, "loose root is tightened");
         assert_eq!(mode(&root.join("chunks")), 0o700);
         assert_eq!(mode(&root.join("tmp")), 0o700);
@@ -977,7 +1131,7 @@ mod tests {
         assert!(!store.contains(&id));
         assert!(!store.chunk_path(&id).exists());
         assert_eq!(files_in(&dir.path().join("tmp")), 0, "leftovers removed");
-        assert!(store.put(&id, len, &encoded).unwrap());
+        assert!(put_now(&store, &id, len, &encoded));
         assert_eq!(store.get(&id).unwrap().unwrap(), raw);
     }
 
@@ -987,7 +1141,7 @@ mod tests {
         let (id, len, encoded, _) = chunk(5, 2000, true);
         {
             let store = DiskStore::open(dir.path(), None).unwrap();
-            store.put(&id, len, &encoded).unwrap();
+            put_now(&store, &id, len, &encoded);
         }
         let chunks = dir.path().join("chunks");
         let shard = chunks.join(shard_name(id.0[0]));
@@ -1025,7 +1179,7 @@ mod tests {
             (&b, b_len, &b_enc),
             (&c, c_len, &c_enc),
         ] {
-            store.put(id, len, enc).unwrap();
+            put_now(&store, id, len, enc);
         }
         // a: payload byte flipped; b: raw byte flipped; c: header magic damaged.
         for (id, pos) in [(&a, HEADER_LEN + 10), (&b, HEADER_LEN + 1000), (&c, 0)] {
@@ -1044,7 +1198,7 @@ mod tests {
         assert_eq!(store.len(), 0);
         assert_eq!(store.bytes(), 0);
         // It can be fetched and stored again.
-        assert!(store.put(&a, a_len, &a_enc).unwrap());
+        assert!(put_now(&store, &a, a_len, &a_enc));
         assert!(store.get(&a).unwrap().is_some());
     }
 
@@ -1053,7 +1207,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = DiskStore::open(dir.path(), None).unwrap();
         let (id, len, enc, _) = chunk(9, 3000, true);
-        store.put(&id, len, &enc).unwrap();
+        put_now(&store, &id, len, &enc);
         fs::remove_file(store.chunk_path(&id)).unwrap();
         assert_eq!(store.get(&id).unwrap(), None);
         assert!(!store.contains(&id));
@@ -1068,7 +1222,7 @@ mod tests {
             // Random data stays raw: every file has the same size.
             let (id, len, enc, _) = chunk(100 + i, 10_000, false);
             size = (HEADER_LEN + enc.payload.len()) as u64;
-            store.put(&id, len, &enc).unwrap();
+            put_now(&store, &id, len, &enc);
             ids.push(id);
         }
         (store, ids, size)
@@ -1116,7 +1270,7 @@ mod tests {
 
         // Keeping everything leaves the store over the cap, and says so.
         let (id, len, enc, _) = chunk(200, 10_000, false);
-        store.put(&id, len, &enc).unwrap();
+        put_now(&store, &id, len, &enc);
         let stats = store.evict_to_cap(&|_| true).unwrap();
         assert_eq!(stats.removed, 0);
         assert_eq!(stats.kept, 3);
@@ -1175,7 +1329,11 @@ mod tests {
         let (id, len, enc, _) = chunk(10, 5000, true);
         // A directory squatting the chunk's final name makes the rename fail.
         fs::create_dir_all(store.chunk_path(&id).join("squat")).unwrap();
-        let err = store.put(&id, len, &enc).unwrap_err();
+        assert!(
+            store.put(&id, len, &enc).unwrap(),
+            "indexed at once, from its temp file"
+        );
+        let err = store.sync().unwrap_err();
         assert!(matches!(err, StoreError::Install { .. }), "{err}");
         assert!(err.to_string().contains(&id.to_hex()[..16]), "{err}");
         assert!(!store.contains(&id));
@@ -1222,7 +1380,7 @@ mod tests {
             for _ in 0..4 {
                 s.spawn(|| {
                     for (id, len, enc, _) in &chunks {
-                        store.put(id, *len, enc).unwrap();
+                        put_now(&store, id, *len, enc);
                     }
                 });
             }

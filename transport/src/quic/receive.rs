@@ -113,8 +113,17 @@ pub async fn receive_file(
         report.peer = crate::tls::peer_name(&conn).unwrap_or(addr.clone());
         info!(peer = %report.peer, %addr, "sender connected");
         let result = session(&conn, &store, &partial, options, &wire, &mut report).await;
+        // Chunks received so far reach their final names even if this transfer failed: the
+        // next attempt, or the next transfer, will not need them again.
+        let synced = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.sync())
+                .await
+                .expect("store sync does not panic")
+        };
         match result {
             Ok(()) => {
+                synced?;
                 std::fs::rename(&partial, out).map_err(|source| TransferError::Output {
                     path: out.to_path_buf(),
                     source,
@@ -165,6 +174,10 @@ const COPY_TASKS: usize = 2;
 /// Copies handed to one such task.
 const COPY_BATCH: usize = 64;
 
+/// Chunk commits (fdatasync, rename) in flight at once. fsync latency, not CPU, limits them,
+/// and the disk merges concurrent ones into fewer journal commits.
+const COMMIT_TASKS: usize = 16;
+
 /// State shared by the control loop and the chunk-stream tasks.
 struct Shared {
     receiver: Mutex<Receiver>,
@@ -176,6 +189,8 @@ struct Shared {
     out: Arc<File>,
     out_path: PathBuf,
     wire: Arc<AtomicU64>,
+    /// Bounds the fdatasync-and-rename commits running beside the transfer.
+    commit_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -217,6 +232,7 @@ async fn session(
         out: Arc::new(out),
         out_path: partial.to_path_buf(),
         wire: wire.clone(),
+        commit_slots: Arc::new(tokio::sync::Semaphore::new(COMMIT_TASKS)),
     });
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -400,6 +416,24 @@ async fn receive_chunks(mut reader: FrameReader, shared: Arc<Shared>) -> Result<
         .await
         .expect("chunk verification does not panic");
         shared.wake.notify_one();
+        // Make a stored chunk durable off the critical path; waiting for a slot is the
+        // back-pressure when the disk falls behind.
+        let slot = shared
+            .commit_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the commit semaphore is never closed");
+        let commit_shared = shared.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = commit_shared.store.commit_some(1) {
+                commit_shared.fail(
+                    store_abort_code(&e),
+                    format!("receiver could not store a chunk: {e}"),
+                );
+            }
+            drop(slot);
+        });
     }
     Ok(())
 }
@@ -421,11 +455,7 @@ fn store_chunk(shared: &Shared, id: ChunkId, raw_len: u32, encoding: u8, payload
         payload: payload.to_vec(),
     };
     if let Err(e) = shared.store.put(&id, raw_len, &encoded) {
-        let code = if matches!(e, StoreError::NoSpace { .. }) {
-            AbortCode::NoSpace
-        } else {
-            AbortCode::Io
-        };
+        let code = store_abort_code(&e);
         return shared.fail(code, format!("receiver could not store chunk {id}: {e}"));
     }
     let offsets = {
@@ -437,6 +467,15 @@ fn store_chunk(shared: &Shared, id: ChunkId, raw_len: u32, encoding: u8, payload
     shared.writes_in_flight.fetch_sub(1, Ordering::AcqRel);
     if let Err(e) = written {
         shared.fail(AbortCode::Io, e.to_string());
+    }
+}
+
+/// The abort code that tells the sender why the store failed: a full disk is worth naming.
+fn store_abort_code(e: &StoreError) -> AbortCode {
+    if matches!(e, StoreError::NoSpace { .. }) {
+        AbortCode::NoSpace
+    } else {
+        AbortCode::Io
     }
 }
 
@@ -478,7 +517,6 @@ fn finish_output(shared: &Shared) -> Result<ChunkId, TransferError> {
         source,
     };
     shared.out.set_len(total).map_err(io)?;
-    shared.store.sync()?;
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0u64;
