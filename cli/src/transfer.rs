@@ -95,6 +95,17 @@ struct Summary<'a, T: Serialize> {
     peak_rss_bytes: u64,
 }
 
+impl<'a, T: Serialize> Summary<'a, T> {
+    /// The last JSON line of a command: its report plus this process's peak memory.
+    fn done(report: &'a T) -> Self {
+        Summary {
+            event: "done",
+            report,
+            peak_rss_bytes: quic::peak_rss_bytes(),
+        }
+    }
+}
+
 pub fn receive(args: ReceiveArgs, out: &Output) -> anyhow::Result<()> {
     let identity = NodeIdentity::load(&args.certs)?;
     let store = DiskStore::open(&args.store, args.store_cap)
@@ -119,11 +130,7 @@ pub fn receive(args: ReceiveArgs, out: &Output) -> anyhow::Result<()> {
             .with_context(|| format!("receiving {}", args.out.display()))?;
         endpoint.wait_idle().await;
         if args.json {
-            out.json(&Summary {
-                event: "done",
-                report: &report,
-                peak_rss_bytes: quic::peak_rss_bytes(),
-            });
+            out.json(&Summary::done(&report));
         } else {
             out.line(format!(
                 "received {} from {} in {:.2} s: {} chunks, {} over the wire, {} reused; wrote {}",
@@ -155,11 +162,7 @@ pub fn send(args: SendArgs, out: &Output) -> anyhow::Result<()> {
             .with_context(|| format!("sending {} to {}", args.file.display(), args.to))?;
         endpoint.wait_idle().await;
         if args.json {
-            out.json(&Summary {
-                event: "done",
-                report: &report,
-                peak_rss_bytes: quic::peak_rss_bytes(),
-            });
+            out.json(&Summary::done(&report));
         } else {
             let pct = if report.input_bytes == 0 {
                 0.0

@@ -127,6 +127,15 @@ pub enum ProtocolError {
     },
 }
 
+/// The `Abort` frame that tells the peer why this side stopped; none for a peer that already
+/// aborted (it knows why).
+fn abort_frame(error: &ProtocolError) -> Option<crate::frame::Frame> {
+    (!matches!(error, ProtocolError::PeerAborted { .. })).then(|| crate::frame::Frame::Abort {
+        code: error.abort_code(),
+        message: error.to_string(),
+    })
+}
+
 impl ProtocolError {
     /// The code to send to the peer in an `Abort` frame.
     pub fn abort_code(&self) -> AbortCode {

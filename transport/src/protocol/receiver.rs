@@ -408,12 +408,7 @@ impl Receiver {
         if matches!(self.phase, Phase::Failed | Phase::Done) {
             return;
         }
-        if !matches!(error, ProtocolError::PeerAborted { .. }) {
-            self.transmit.push_back(Frame::Abort {
-                code: error.abort_code(),
-                message: error.to_string(),
-            });
-        }
+        self.transmit.extend(super::abort_frame(&error));
         self.phase = Phase::Failed;
         self.copies.clear();
         self.error = Some(error);

@@ -328,12 +328,7 @@ impl Sender {
         if self.phase == Phase::Failed || self.phase == Phase::Done {
             return;
         }
-        if !matches!(error, ProtocolError::PeerAborted { .. }) {
-            self.transmit.push_back(Frame::Abort {
-                code: error.abort_code(),
-                message: error.to_string(),
-            });
-        }
+        self.transmit.extend(super::abort_frame(&error));
         self.phase = Phase::Failed;
         self.chunks.clear();
         self.error = Some(error);
