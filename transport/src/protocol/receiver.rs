@@ -86,6 +86,9 @@ pub struct Receiver {
     /// asking it while a put is still in flight).
     received: HashSet<ChunkId>,
     end: Option<(u64, ChunkId)>,
+    /// Runs of zero chunks as (offset, len), adjacent ones merged: never written, so the final
+    /// hash feeds zeros for them instead of reading holes back.
+    zero_runs: Vec<(u64, u64)>,
     transmit: VecDeque<Frame>,
     copies: VecDeque<StoreCopy>,
     last_heard: Instant,
@@ -105,6 +108,7 @@ impl Receiver {
             pending: HashMap::new(),
             received: HashSet::new(),
             end: None,
+            zero_runs: Vec::new(),
             transmit: VecDeque::new(),
             copies: VecDeque::new(),
             last_heard: now,
@@ -223,6 +227,10 @@ impl Receiver {
             }
             if entry.zero {
                 // The output is created empty and sized at the end: zeros cost nothing.
+                match self.zero_runs.last_mut() {
+                    Some((start, len)) if *start + *len == offset => *len += entry.len as u64,
+                    _ => self.zero_runs.push((offset, entry.len as u64)),
+                }
                 self.stats.chunks_reused += 1;
             } else if let Some(p) = self.pending.get_mut(&entry.id) {
                 if p.len != entry.len {
@@ -333,6 +341,11 @@ impl Receiver {
     /// the output and call [`Receiver::finish`].
     pub fn ready_to_verify(&self) -> bool {
         self.phase == Phase::Verifying
+    }
+
+    /// The zero runs of the stream so far, as (offset, len), in order and merged.
+    pub fn zero_runs(&self) -> &[(u64, u64)] {
+        &self.zero_runs
     }
 
     /// The total length from `End`, once known.
