@@ -874,7 +874,7 @@ impl DiskStore {
             .map(|(&seq, _)| seq)
             .collect();
         if cached.len() >= MAX_OPEN_PACKS {
-            let victim = cached[fastrand_index(state.clock, cached.len())];
+            let victim = cached[spread_index(state.clock, cached.len())];
             if let Some(pack) = state.packs.get_mut(&victim) {
                 pack.file = None;
             }
@@ -1071,7 +1071,7 @@ impl DiskStore {
             if self.bytes() <= cap {
                 break;
             }
-            if ids.iter().any(|id| keep(id)) {
+            if ids.iter().any(keep) {
                 stats.kept += 1;
                 continue;
             }
@@ -1120,7 +1120,7 @@ impl DiskStore {
 }
 
 /// A cheap pseudo-random index below `len` (which handle to close): no need for quality.
-fn fastrand_index(seed: u64, len: usize) -> usize {
+fn spread_index(seed: u64, len: usize) -> usize {
     (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % len
 }
 
