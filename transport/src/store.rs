@@ -764,6 +764,11 @@ impl DiskStore {
             .sum()
     }
 
+    /// Sealed packs waiting for [`DiskStore::commit_some`].
+    pub fn sealed(&self) -> usize {
+        self.state().queue.len()
+    }
+
     /// Commits up to `max` sealed packs, oldest first: fdatasync, then rename from `tmp/` to
     /// `packs/`. Returns how many it committed (0, cheaply, when no pack is sealed). Safe to run
     /// on several threads at once; each pack is committed by exactly one. A pack whose commit

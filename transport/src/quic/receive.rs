@@ -177,9 +177,8 @@ const COPY_BATCH: usize = 64;
 /// Bytes hashed per step when checking the finished output.
 const HASH_BLOCK: usize = 4 << 20;
 
-/// Chunk commits (fdatasync, rename) in flight at once. fsync latency, not CPU, limits them,
-/// and the disk merges concurrent ones into fewer journal commits.
-const COMMIT_TASKS: usize = 16;
+/// Pack commits (fdatasync, rename) in flight at once, beside the transfer.
+const COMMIT_TASKS: usize = 2;
 
 /// State shared by the control loop and the chunk-stream tasks.
 struct Shared {
@@ -192,7 +191,7 @@ struct Shared {
     out: Arc<File>,
     out_path: PathBuf,
     wire: Arc<AtomicU64>,
-    /// Bounds the fdatasync-and-rename commits running beside the transfer.
+    /// Bounds the pack commits running beside the transfer.
     commit_slots: Arc<tokio::sync::Semaphore>,
 }
 
@@ -419,24 +418,26 @@ async fn receive_chunks(mut reader: FrameReader, shared: Arc<Shared>) -> Result<
         .await
         .expect("chunk verification does not panic");
         shared.wake.notify_one();
-        // Make a stored chunk durable off the critical path; waiting for a slot is the
+        // Make sealed packs durable off the critical path; waiting for a slot is the
         // back-pressure when the disk falls behind.
-        let slot = shared
-            .commit_slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the commit semaphore is never closed");
-        let commit_shared = shared.clone();
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = commit_shared.store.commit_some(1) {
-                commit_shared.fail(
-                    store_abort_code(&e),
-                    format!("receiver could not store a chunk: {e}"),
-                );
-            }
-            drop(slot);
-        });
+        if shared.store.sealed() > 0 {
+            let slot = shared
+                .commit_slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the commit semaphore is never closed");
+            let commit_shared = shared.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = commit_shared.store.commit_some(1) {
+                    commit_shared.fail(
+                        store_abort_code(&e),
+                        format!("receiver could not store chunks: {e}"),
+                    );
+                }
+                drop(slot);
+            });
+        }
     }
     Ok(())
 }

@@ -3,7 +3,6 @@
 //! resume when the connection drops.
 
 use std::fs::File;
-use std::io::BufReader;
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -298,7 +297,7 @@ fn chunk_file(path: &PathBuf, tx: &mpsc::Sender<Input>) {
             return;
         }
     };
-    let mut chunker = Chunker::new(BufReader::with_capacity(1 << 20, file));
+    let mut chunker = Chunker::new(file);
     for span in chunker.by_ref() {
         let msg = match span {
             Ok(span) => Input::Entry(span.offset, span.entry),
