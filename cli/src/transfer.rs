@@ -26,8 +26,8 @@ pub struct ReceiveArgs {
     /// Chunk store directory, kept across transfers so later ones send only what is new.
     #[arg(long)]
     store: PathBuf,
-    /// Size cap of the chunk store (e.g. 20G); least recently used chunks are evicted after a
-    /// transfer. Default: no cap.
+    /// Size cap of the chunk store (e.g. 20G); after a transfer, the least recently used packs
+    /// of chunks are evicted until it fits. Default: no cap.
     #[arg(long, value_parser = parse_size)]
     store_cap: Option<u64>,
     /// File to write. It appears only once its whole-stream hash checks.

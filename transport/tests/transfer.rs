@@ -546,10 +546,9 @@ async fn a_full_disk_on_the_receiver_fails_both_sides_with_a_clear_error() {
         !out.exists() && !lab.path("out.bin.partial").exists(),
         "no half-made output"
     );
-    assert_eq!(
-        std::fs::read_dir(disk.dir.path().join("store/tmp"))
-            .unwrap()
-            .count(),
-        0
-    );
+    let left: Vec<_> = std::fs::read_dir(disk.dir.path().join("store/tmp"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "temp files left behind: {left:?}");
 }

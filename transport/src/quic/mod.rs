@@ -300,6 +300,14 @@ async fn write_frame(
     Ok(buf.len())
 }
 
+/// Sleeps until `deadline`, or forever without one: the timeout arm of a driver's `select!`.
+async fn sleep_until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Peak resident memory of this process, from /proc (0 where unavailable).
 pub fn peak_rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use super::{classify, write_frame, FrameReader, SessionError, TransferError};
+use super::{classify, sleep_until, write_frame, FrameReader, SessionError, TransferError};
 use crate::codec::{self, Encoded, Encoding};
 use crate::frame::{AbortCode, Frame};
 use crate::protocol::{ProtocolError, Receiver, ReceiverConfig, StoreCopy};
@@ -187,6 +187,10 @@ struct Shared {
     wake: Notify,
     /// Chunk writes started and not finished: the stream is only hashed once this is 0.
     writes_in_flight: AtomicUsize,
+    /// Chunks being verified and stored on blocking threads. A session waits for them before it
+    /// returns, so no put lands in the store after the caller synced it.
+    storing: std::sync::Mutex<usize>,
+    stored: std::sync::Condvar,
     store: Arc<DiskStore>,
     out: Arc<File>,
     out_path: PathBuf,
@@ -230,6 +234,8 @@ async fn session(
         receiver: Mutex::new(Receiver::new(options.protocol.clone(), Instant::now())),
         wake: Notify::new(),
         writes_in_flight: AtomicUsize::new(0),
+        storing: std::sync::Mutex::new(0),
+        stored: std::sync::Condvar::new(),
         store: store.clone(),
         out: Arc::new(out),
         out_path: partial.to_path_buf(),
@@ -344,7 +350,15 @@ async fn session(
     let _ = ctrl_send.finish();
     tasks.abort_all();
     while copies.join_next().await.is_some() {}
-    // A put may still be finishing on a blocking thread; the store stays consistent either way.
+    let waiting = shared.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut storing = waiting.storing.lock().expect("storing lock");
+        while *storing > 0 {
+            storing = waiting.stored.wait(storing).expect("storing lock");
+        }
+    })
+    .await
+    .expect("waiting for stores does not panic");
     let stats = shared.receiver.lock().expect("receiver lock").stats();
     report.chunks = stats.chunks;
     report.chunks_received = stats.chunks_received;
@@ -353,12 +367,6 @@ async fn session(
         report.bytes_written = shared.out.metadata().map(|m| m.len()).unwrap_or(0);
     }
     outcome
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    if let Some(d) = deadline {
-        tokio::time::sleep_until(d.into()).await;
-    }
 }
 
 /// Accepts the sender's chunk streams and runs each on its own task.
@@ -412,8 +420,11 @@ async fn receive_chunks(mut reader: FrameReader, shared: Arc<Shared>) -> Result<
             .wire
             .fetch_add(payload.len() as u64, Ordering::Relaxed);
         let task_shared = shared.clone();
+        *shared.storing.lock().expect("storing lock") += 1;
         tokio::task::spawn_blocking(move || {
-            store_chunk(&task_shared, id, raw_len, encoding, &payload)
+            store_chunk(&task_shared, id, raw_len, encoding, &payload);
+            *task_shared.storing.lock().expect("storing lock") -= 1;
+            task_shared.stored.notify_all();
         })
         .await
         .expect("chunk verification does not panic");

@@ -14,11 +14,13 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, Mutex};
 use tracing::{debug, info, warn};
 
-use super::{classify, write_error, write_frame, FrameReader, SessionError, TransferError};
+use super::{
+    classify, sleep_until, write_error, write_frame, FrameReader, SessionError, TransferError,
+};
 use crate::chunker::Chunker;
 use crate::codec;
-use crate::frame::Frame;
-use crate::protocol::{ChunkRequest, Sender, SenderConfig, SenderStats};
+use crate::frame::{AbortCode, Frame};
+use crate::protocol::{ChunkRequest, ProtocolError, Sender, SenderConfig, SenderStats};
 use crate::tls::SERVER_NAME;
 use crate::{ChunkId, ManifestEntry};
 
@@ -232,19 +234,18 @@ async fn session(
         let deadline = sender.poll_timeout();
         tokio::select! {
             input = input_rx.recv(), if input_open && sender.wants_input() => {
-                let mut next = input;
-                loop {
-                    match next {
-                        Some(Input::Entry(offset, entry)) => sender.push_entry(offset, entry),
-                        Some(Input::End(len, hash)) => { debug!("source chunked"); sender.finish_input(len, hash); input_open = false; break; }
-                        Some(Input::Failed(source)) => {
-                            break_fatal(&mut sender);
-                            return Err(SessionError::Fatal(TransferError::Source { path: path.to_path_buf(), source }));
-                        }
-                        None => { input_open = false; break; }
+                match take_input(&mut sender, input, &mut input_rx) {
+                    Ok(open) => input_open = open,
+                    Err(source) => {
+                        sender.fail(ProtocolError::Local {
+                            code: AbortCode::Io,
+                            message: "the sender could not read its source file".into(),
+                        });
+                        break Err(SessionError::Fatal(TransferError::Source {
+                            path: path.to_path_buf(),
+                            source,
+                        }));
                     }
-                    if !sender.wants_input() { break; }
-                    match input_rx.try_recv() { Ok(i) => next = Some(i), Err(_) => break }
                 }
             }
             frame = reader.next() => match frame {
@@ -274,22 +275,38 @@ async fn session(
     result
 }
 
-fn break_fatal(sender: &mut Sender) {
-    sender.fail(crate::protocol::ProtocolError::Local {
-        code: crate::frame::AbortCode::Io,
-        message: "the sender could not read its source file".into(),
-    });
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    if let Some(d) = deadline {
-        tokio::time::sleep_until(d.into()).await;
+/// Feeds the state machine `first` and whatever else the chunker has ready, while the window
+/// allows. Returns whether more input will come, or the chunker's read error.
+fn take_input(
+    sender: &mut Sender,
+    first: Option<Input>,
+    rx: &mut mpsc::Receiver<Input>,
+) -> std::io::Result<bool> {
+    let mut next = first;
+    loop {
+        match next {
+            Some(Input::Entry(offset, entry)) => sender.push_entry(offset, entry),
+            Some(Input::End(len, hash)) => {
+                debug!("source chunked");
+                sender.finish_input(len, hash);
+                return Ok(false);
+            }
+            Some(Input::Failed(e)) => return Err(e),
+            None => return Ok(false),
+        }
+        if !sender.wants_input() {
+            return Ok(true);
+        }
+        match rx.try_recv() {
+            Ok(input) => next = Some(input),
+            Err(_) => return Ok(true),
+        }
     }
 }
 
 /// Runs on its own thread: cuts the file and hands entries to the session, blocking when the
 /// session's window is full.
-fn chunk_file(path: &PathBuf, tx: &mpsc::Sender<Input>) {
+fn chunk_file(path: &Path, tx: &mpsc::Sender<Input>) {
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) => {
