@@ -2,11 +2,12 @@
 # lab/enter.sh [OPTIONS] ROOTFS NODE_DIR -- CMD [ARGS...]
 #
 # Runs CMD as a lab "node": inside the shared root filesystem ROOTFS (built by lab/rootfs.sh),
-# in its own mount, UTS, IPC and (by default) PID namespace, optionally inside an existing
-# network namespace. Node state lives in NODE_DIR on the host:
+# in its own mount, UTS, IPC, cgroup and (by default) PID namespace and its own cgroups,
+# optionally inside an existing network namespace. Node state lives in NODE_DIR on the host:
 #   NODE_DIR/containers  -> /var/lib/containers  (podman storage, private to the node)
 #   NODE_DIR/var-tmp     -> /var/tmp             (podman's scratch space for import/export)
 #   NODE_DIR/node.pid    <- "PID STARTTIME" of CMD as the host sees it (for lab/exec.sh)
+#   NODE_DIR/node.cgroup <- the node's cgroup directories on the host (for lab/stop.sh)
 # and /run, /tmp, /dev/shm are fresh tmpfs (podman's runroot and its SHM lock file are private).
 #
 # The mount setup (tried on kernel 6.18, cgroup v1 host; see shared/ENVIRONMENT.md):

@@ -4,8 +4,9 @@
 #
 # The root holds podman, crun, conmon, catatonit, busybox-static, iproute2, procps,
 # ca-certificates, nginx and redis-server from trixie, and criu + libcriu2 + libcompel1 4.2.x
-# from sid (CRIU < 4.2 cannot dump TCP sockets on kernels >= 6.16; 4.x needs glibc >= 2.38, so
-# it cannot run on the bookworm host). Podman inside is configured for the lab: cgroupfs, file
+# from sid, with the two libraries sid's criu needs newer than trixie has (libnl-3-200, libnet9);
+# nothing else comes from sid (checked). CRIU < 4.2 cannot dump TCP sockets on kernels >= 6.16;
+# 4.x needs glibc >= 2.38, so it cannot run on the bookworm host. Podman inside is configured for the lab: cgroupfs, file
 # events, k8s-file logs, host network by default, overlay storage.
 #
 # Caching: DIR/etc/migrate-lab/stamp records a hash of this script's recipe (package lists,
@@ -47,8 +48,8 @@ cgroupns = "host"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
 runtime = "crun"
-# The lab never pulls: keep podman from trying a registry for a missing image.
-image_default_transport = "containers-storage:"
+# No registry is reachable: a missing image is an error at once, not a pull that fails on DNS.
+pull_policy = "never"
 EOF
 
 read -r -d '' STORAGE_CONF <<'EOF' || true

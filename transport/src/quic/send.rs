@@ -347,28 +347,51 @@ impl ChunkWorker {
         requests: Arc<Mutex<mpsc::Receiver<ChunkRequest>>>,
     ) -> Result<(), SessionError> {
         loop {
-            let Some(req) = requests.lock().await.recv().await else {
-                let _ = self.stream.finish();
-                return Ok(());
+            // Take what is queued, up to a small batch, so one hand-off to a blocking thread
+            // covers several chunks.
+            let batch = {
+                let mut queue = requests.lock().await;
+                let Some(first) = queue.recv().await else {
+                    let _ = self.stream.finish();
+                    return Ok(());
+                };
+                let mut batch = vec![first];
+                while batch.len() < ENCODE_BATCH {
+                    match queue.try_recv() {
+                        Ok(req) => batch.push(req),
+                        Err(_) => break,
+                    }
+                }
+                batch
             };
             let (file, level) = (self.file.clone(), self.level);
-            let encoded = tokio::task::spawn_blocking(move || encode_chunk(&file, req, level))
-                .await
-                .expect("chunk encoding does not panic")
-                .map_err(|source| {
-                    SessionError::Fatal(TransferError::Source {
-                        path: self.path.clone(),
-                        source,
-                    })
-                })?;
-            self.stream
-                .write_all(&encoded)
-                .await
-                .map_err(|e| write_error(&self.peer, e))?;
-            self.wire.fetch_add(encoded.len() as u64, Ordering::Relaxed);
+            let frames = tokio::task::spawn_blocking(move || {
+                batch
+                    .into_iter()
+                    .map(|req| encode_chunk(&file, req, level))
+                    .collect::<std::io::Result<Vec<Bytes>>>()
+            })
+            .await
+            .expect("chunk encoding does not panic")
+            .map_err(|source| {
+                SessionError::Fatal(TransferError::Source {
+                    path: self.path.clone(),
+                    source,
+                })
+            })?;
+            for frame in frames {
+                self.stream
+                    .write_all(&frame)
+                    .await
+                    .map_err(|e| write_error(&self.peer, e))?;
+                self.wire.fetch_add(frame.len() as u64, Ordering::Relaxed);
+            }
         }
     }
 }
+
+/// Chunks one stream's worker encodes per hand-off to a blocking thread.
+const ENCODE_BATCH: usize = 4;
 
 /// Reads and compresses one chunk into a complete `Chunk` frame. A source that changed since it
 /// was chunked is caught here rather than by the receiver.
