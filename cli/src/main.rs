@@ -4,6 +4,7 @@
 //! what to check), 2 bad usage.
 
 mod certs;
+mod inspect;
 mod output;
 mod transfer;
 
@@ -33,6 +34,8 @@ struct Cli {
 enum Command {
     /// Create the cluster CA and node certificates for mutual TLS.
     Certs(certs::CertsArgs),
+    /// Show what a checkpoint archive holds (validating it): container, pod, image, sizes.
+    Inspect(inspect::InspectArgs),
     /// Receive one transfer into a file, deduplicating against a chunk store.
     Receive(transfer::ReceiveArgs),
     /// Send a file to a receiving node.
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
     let out = output::Output { quiet: cli.quiet };
     let result = match cli.command {
         Command::Certs(args) => certs::run(args, &out),
+        Command::Inspect(args) => inspect::run(args, &out),
         Command::Receive(args) => transfer::receive(args, &out),
         Command::Send(args) => transfer::send(args, &out),
     };

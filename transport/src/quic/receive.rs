@@ -137,7 +137,8 @@ pub async fn receive_file(
             }
             Err(SessionError::Lost(why)) => {
                 warn!(peer = %report.peer, error = %why, "connection lost; waiting for the sender to resume");
-                lost_since.get_or_insert_with(|| (Instant::now(), why));
+                // Each drop gets a fresh resume window: the sender made contact since the last.
+                lost_since = Some((Instant::now(), why));
                 conn.close(0u32.into(), b"lost");
             }
             Err(SessionError::Fatal(e)) => {
