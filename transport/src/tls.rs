@@ -329,13 +329,7 @@ fn load_or_create_ca(out: &Path) -> Result<Ca, TlsError> {
             warn_if_exposed(&key_path);
             // rcgen 0.13 cannot parse a certificate back, so rebuild the issuer from the key and
             // the subject `init_certs` gives its CAs, and check that it is the one on disk.
-            let issuer =
-                ca_params(&key)?
-                    .self_signed(&key)
-                    .map_err(|source| TlsError::Generate {
-                        what: "the CA certificate".into(),
-                        source,
-                    })?;
+            let issuer = self_signed_ca(&key)?;
             if !same_subject_and_key(on_disk, issuer.der()) {
                 return Err(TlsError::CaMismatch {
                     cert: cert_path,
@@ -362,13 +356,7 @@ fn load_or_create_ca(out: &Path) -> Result<Ca, TlsError> {
         }
         (false, false) => {
             let key = generate_key("the CA key")?;
-            let issuer =
-                ca_params(&key)?
-                    .self_signed(&key)
-                    .map_err(|source| TlsError::Generate {
-                        what: "the CA certificate".into(),
-                        source,
-                    })?;
+            let issuer = self_signed_ca(&key)?;
             let cert_pem = issuer.pem();
             // Key first: a crash between the two writes leaves an IncompleteCa error, never
             // a CA certificate nobody can sign with.
@@ -385,6 +373,17 @@ fn load_or_create_ca(out: &Path) -> Result<Ca, TlsError> {
             })
         }
     }
+}
+
+/// The CA certificate `init_certs` makes from `key`: the same key always gives the same
+/// subject, so an existing CA can be rebuilt and compared with the one on disk.
+fn self_signed_ca(key: &KeyPair) -> Result<rcgen::Certificate, TlsError> {
+    ca_params(key)?
+        .self_signed(key)
+        .map_err(|source| TlsError::Generate {
+            what: "the CA certificate".into(),
+            source,
+        })
 }
 
 /// The CA's parameters; its subject depends only on its key, so they can be rebuilt.

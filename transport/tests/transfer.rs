@@ -371,15 +371,14 @@ fn entry_for(data: &[u8]) -> ManifestEntry {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_chunk_that_does_not_match_its_id_is_refused() {
-    let good = vec![7u8; 1000];
-    let e = entry_for(&good);
-    let err = hostile_session(
+/// A one-chunk stream announcing `claimed`, whose chunk arrives as `encoding` + `payload`.
+async fn one_bad_chunk(claimed: &[u8], encoding: u8, payload: Vec<u8>) -> TransferError {
+    let e = entry_for(claimed);
+    hostile_session(
         vec![
             Frame::Hello {
                 version: VERSION,
-                stream_len: 1000,
+                stream_len: claimed.len() as u64,
             },
             Frame::Manifest {
                 first_index: 0,
@@ -389,12 +388,17 @@ async fn a_chunk_that_does_not_match_its_id_is_refused() {
         &[],
         vec![Frame::Chunk {
             id: e.id,
-            raw_len: 1000,
-            encoding: 0,
-            payload: vec![8u8; 1000].into(),
+            raw_len: e.len,
+            encoding,
+            payload: payload.into(),
         }],
     )
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_that_does_not_match_its_id_is_refused() {
+    let err = one_bad_chunk(&[7u8; 1000], 0, vec![8u8; 1000]).await;
     match err {
         TransferError::Protocol(ProtocolError::Local { ref message, .. }) => {
             assert!(message.contains("refused"), "{message}")
@@ -405,30 +409,8 @@ async fn a_chunk_that_does_not_match_its_id_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_decompression_bomb_is_refused() {
-    let zeros = vec![0u8; 8 << 20];
-    let bomb = zstd::bulk::compress(&zeros, 19).unwrap();
-    let claimed = vec![1u8; 4096];
-    let e = entry_for(&claimed);
-    let err = hostile_session(
-        vec![
-            Frame::Hello {
-                version: VERSION,
-                stream_len: 4096,
-            },
-            Frame::Manifest {
-                first_index: 0,
-                entries: vec![e],
-            },
-        ],
-        &[],
-        vec![Frame::Chunk {
-            id: e.id,
-            raw_len: 4096,
-            encoding: 1,
-            payload: bomb.into(),
-        }],
-    )
-    .await;
+    let bomb = zstd::bulk::compress(&vec![0u8; 8 << 20], 19).unwrap();
+    let err = one_bad_chunk(&[1u8; 4096], 1, bomb).await;
     assert!(
         matches!(err, TransferError::Protocol(ProtocolError::Local { .. })),
         "{err}"
