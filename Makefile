@@ -2,15 +2,16 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: demo test lint unit deps bench bench-micro fuzz clean
+.PHONY: demo test lint unit deps lab-rootfs bench bench-micro fuzz clean
 
 ## demo: build, then move a generated checkpoint-like file between two `migrate` processes
 ## over QUIC with mutual TLS, and again after 5% of it changed (dedup).
 demo: deps
 	./scripts/demo.sh
 
-## test: formatting, clippy, then every test of the workspace.
-test: deps lint unit
+## test: formatting, clippy, then every test of the workspace (some run podman and CRIU in lab
+## nodes, so the lab root is built first).
+test: deps lab-rootfs lint unit
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -18,6 +19,11 @@ lint:
 
 unit:
 	$(CARGO) test --workspace
+
+## lab-rootfs: the cached trixie root with podman, crun and CRIU 4.2 that lab nodes share
+## (about 75 s the first time; instant when cached).
+lab-rootfs:
+	./lab/rootfs.sh
 
 ## deps: system packages the demo, tests and benchmarks need (Debian; run as root).
 deps:

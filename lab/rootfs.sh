@@ -12,7 +12,8 @@
 # Caching: DIR/etc/migrate-lab/stamp records a hash of this script's recipe (package lists,
 # config files, RECIPE_VERSION). When it matches, the script does nothing. When it differs (or
 # DIR holds no stamp), the root is rebuilt in DIR.build and swapped in. Set
-# MIGRATE_LAB_REBUILD=1 to force a rebuild. MIGRATE_LAB_MIRROR overrides the Debian mirror.
+# MIGRATE_LAB_REBUILD=1 to force a rebuild. The Debian mirror is the one the host's apt uses;
+# MIGRATE_LAB_MIRROR overrides it.
 #
 # Host side effects: installs debootstrap with apt-get when missing, and writes DIR, DIR.build,
 # DIR.old. Every mount made during the build lives in a private mount namespace (unshare -m) and
@@ -20,7 +21,19 @@
 set -euo pipefail
 
 DIR=${1:-/var/lib/migrate-lab/rootfs}
-MIRROR=${MIGRATE_LAB_MIRROR:-http://deb.debian.org/debian}
+# The Debian mirror the host's apt already uses (deb822 or one-line sources), unless overridden.
+host_mirror() {
+    local uri
+    uri=$(awk '/^URIs:/ { for (i = 2; i <= NF; i++) if ($i !~ /security/) { print $i; exit } }' \
+        /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n 1)
+    if [[ -z $uri ]]; then
+        uri=$(awk '$1 == "deb" && $2 !~ /security/ && $2 ~ /debian/ { print $2; exit }' \
+            /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null | head -n 1)
+    fi
+    [[ -n $uri ]] || { echo "no Debian mirror found in the host's apt sources: set MIGRATE_LAB_MIRROR" >&2; exit 1; }
+    echo "$uri"
+}
+MIRROR=${MIGRATE_LAB_MIRROR:-$(host_mirror)}
 SUITE=trixie
 
 # ---- the recipe: anything below this line up to "end of recipe" goes into the stamp hash ----
