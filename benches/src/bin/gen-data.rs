@@ -30,20 +30,6 @@ struct Args {
     seed: u64,
 }
 
-fn parse_size(s: &str) -> anyhow::Result<u64> {
-    let s = s.trim();
-    let (num, mult) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("{s:?} is not a size like 512M"))?;
-    Ok(n * mult)
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match &args.rewrite {
@@ -60,7 +46,7 @@ fn main() -> anyhow::Result<()> {
             );
         }
         None => {
-            let size = parse_size(&args.size)?;
+            let size = benches::parse_size(&args.size).map_err(anyhow::Error::msg)?;
             benches::data::write_checkpoint_like(&args.out, size, args.seed)
                 .with_context(|| format!("writing {}", args.out.display()))?;
             println!(

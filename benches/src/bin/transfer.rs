@@ -53,10 +53,10 @@ struct Args {
     #[arg(long, value_name = "PATH", default_value = "zstd")]
     zstd: PathBuf,
     /// Size of the data set for scenarios 1 and 2 (suffixes K, M, G, T are powers of 1024).
-    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    #[arg(long, default_value = "1GiB", value_parser = benches::parse_size)]
     size: u64,
     /// Size of the stream for the peak-RSS scenario 3.
-    #[arg(long, default_value = "4GiB", value_parser = parse_size)]
+    #[arg(long, default_value = "4GiB", value_parser = benches::parse_size)]
     rss_size: u64,
     /// Timed runs per scenario and tool (scenario 3 runs once).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
@@ -86,31 +86,6 @@ struct Args {
     /// Give up on a transfer (and kill its processes) after this many seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 600)]
     timeout: u64,
-}
-
-/// Parses `1073741824`, `64M`, `64MiB`, `1G`, `1.5GiB`...: K, M, G, T are powers of 1024.
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let digits = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(digits);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like 64M or 1GiB"))?;
-    let shift = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        other => return Err(format!("unknown size unit {other:?} in {s:?}")),
-    };
-    let bytes = (number * (1u64 << shift) as f64).round();
-    if !(1.0..=u64::MAX as f64).contains(&bytes) {
-        return Err(format!("size {s:?} must be at least one byte"));
-    }
-    Ok(bytes as u64)
 }
 
 /// One input file, generated (or found in the cache) and hashed.
@@ -1140,18 +1115,6 @@ fn print_tables(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse_with_binary_units() {
-        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
-        assert_eq!(parse_size("64M"), Ok(64 << 20));
-        assert_eq!(parse_size("64mb"), Ok(64 << 20));
-        assert_eq!(parse_size("1.5K"), Ok(1536));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("0").is_err());
-        assert!(parse_size("12 parsecs").is_err());
-        assert!(parse_size("G").is_err());
-    }
 
     #[test]
     fn medians_of_odd_and_even_counts() {
