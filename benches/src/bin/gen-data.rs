@@ -17,8 +17,8 @@ struct Args {
     #[arg(long)]
     out: PathBuf,
     /// Size of new data, in bytes or with a K/M/G suffix.
-    #[arg(long, default_value = "512M", conflicts_with = "rewrite")]
-    size: String,
+    #[arg(long, default_value = "512M", conflicts_with = "rewrite", value_parser = benches::parse_size)]
+    size: u64,
     /// Instead of new data, copy this file with `--fraction` of its pages rewritten.
     #[arg(long)]
     rewrite: Option<PathBuf>,
@@ -46,7 +46,7 @@ fn main() -> anyhow::Result<()> {
             );
         }
         None => {
-            let size = benches::parse_size(&args.size).map_err(anyhow::Error::msg)?;
+            let size = args.size;
             benches::data::write_checkpoint_like(&args.out, size, args.seed)
                 .with_context(|| format!("writing {}", args.out.display()))?;
             println!(
