@@ -1,9 +1,12 @@
 //! The migration engine: node daemons that checkpoint a container, stream it with [`transport`],
 //! assemble the restore image and restore it. Built so far: [`archive`] reads and validates a
-//! checkpoint archive (and extracts it safely), [`inspect`] reports what one holds, and
-//! [`image`] turns one into the OCI checkpoint image that Podman and CRI-O restore from. The
-//! daemon, the runtime seam and the migration itself come next (issue 3).
+//! checkpoint archive (and extracts it safely), [`inspect`] reports what one holds,
+//! [`image`] turns one into the OCI checkpoint image that Podman and CRI-O restore from, and
+//! [`runtime`] is the seam to the container engine on a node (checkpoint, import, restore,
+//! is-running, cleanup), with its Podman CLI implementation. The daemon and the migration
+//! itself come next (issue 3).
 
 pub mod archive;
 pub mod image;
 pub mod inspect;
+pub mod runtime;

@@ -7,13 +7,13 @@
 //! checkpointed value. It needs root and the lab root at /var/lib/migrate-lab/rootfs, which
 //! `make test` builds (lab/rootfs.sh); without them it fails and says why.
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use engine::image::{self, ImageError, ImageOptions, Index, Manifest};
 use tar::{EntryType, Header};
@@ -301,187 +301,12 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 
 // ---- the lab proof ----
 
-const ROOTFS: &str = "/var/lib/migrate-lab/rootfs";
-const WORK: &str = "/var/tmp/migrate-image-test";
-
-/// Two lab nodes; `Drop` removes their containers, the nodes, the namespaces and the folder.
-struct Lab {
-    lab: PathBuf,
-    nodes: Vec<(PathBuf, String)>,
-    /// The `setsid enter.sh` processes, reaped after stop.sh kills the nodes.
-    children: Vec<std::process::Child>,
-}
-
-impl Lab {
-    fn start(lab: &Path) -> Self {
-        let _ = fs::remove_dir_all(WORK);
-        fs::create_dir_all(format!("{WORK}/shared")).unwrap();
-        let mut me = Self {
-            lab: lab.to_path_buf(),
-            nodes: Vec::new(),
-            children: Vec::new(),
-        };
-        for name in ["img-a", "img-b"] {
-            let ns = format!("migrate-{name}");
-            let dir = PathBuf::from(format!("{WORK}/{name}"));
-            let _ = Command::new("ip")
-                .args(["netns", "del", &ns])
-                .stderr(Stdio::null())
-                .status();
-            run("ip", &["netns", "add", &ns]);
-            run("ip", &["-n", &ns, "link", "set", "lo", "up"]);
-            me.nodes.push((dir.clone(), ns.clone()));
-            let log = fs::File::create(format!("{WORK}/{name}.log")).unwrap();
-            let child = Command::new("setsid")
-                .arg(lab.join("enter.sh"))
-                .args(["--netns", &ns, "--hostname", name, "--bind"])
-                .arg(format!("{WORK}/shared:/shared"))
-                .arg(ROOTFS)
-                .arg(&dir)
-                .args(["--", "catatonit", "-P"])
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .unwrap();
-            me.children.push(child);
-            for _ in 0..200 {
-                if dir.join("node.pid").exists() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            assert!(dir.join("node.pid").exists(), "node {name} did not start");
-        }
-        me
-    }
-
-    /// Runs CMD in node `i`, echoing it and what it printed; panics unless it succeeds.
-    fn exec(&self, i: usize, cmd: &[&str]) -> String {
-        let out = Command::new(self.lab.join("exec.sh"))
-            .arg(&self.nodes[i].0)
-            .arg("--")
-            .args(cmd)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        println!(
-            "[node {}] $ {}\n{}{}",
-            ["A", "B"][i],
-            cmd.join(" "),
-            stdout,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "{} failed in node {i}", cmd.join(" "));
-        stdout
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for (dir, ns) in &self.nodes {
-            if dir.join("node.pid").exists() {
-                let _ = Command::new(self.lab.join("exec.sh"))
-                    .arg(dir)
-                    .args(["--", "podman", "rm", "-a", "-f", "-t", "0"])
-                    .output();
-            }
-            let _ = Command::new(self.lab.join("stop.sh")).arg(dir).output();
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-        for child in &mut self.children {
-            let _ = child.wait();
-        }
-        if std::env::var_os("KEEP").is_none() {
-            let _ = fs::remove_dir_all(WORK);
-        }
-    }
-}
-
-fn run(prog: &str, args: &[&str]) {
-    assert!(
-        Command::new(prog).args(args).status().unwrap().success(),
-        "{prog} {args:?}"
-    );
-}
-
-/// The counter value in the archive's rootfs-diff.tar (`tmp/count`).
-fn checkpointed_count(archive: &Path) -> u64 {
-    let mut outer = tar::Archive::new(fs::File::open(archive).unwrap());
-    for e in outer.entries().unwrap() {
-        let e = e.unwrap();
-        if e.path().unwrap().to_str() == Some("rootfs-diff.tar") {
-            let mut inner = tar::Archive::new(e);
-            for f in inner.entries().unwrap() {
-                let mut f = f.unwrap();
-                if f.path().unwrap().to_string_lossy().trim_start_matches("./") == "tmp/count" {
-                    let mut s = String::new();
-                    f.read_to_string(&mut s).unwrap();
-                    return s.trim().parse().unwrap();
-                }
-            }
-        }
-    }
-    panic!("no tmp/count in rootfs-diff.tar");
-}
-
 #[test]
 fn lab_podman_restores_the_image() {
-    let lab = Path::new(env!("CARGO_MANIFEST_DIR")).join("../lab");
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    // `make test` builds the lab root first (lab/rootfs.sh); a missing one is a failure with
-    // its reason, never a silent pass.
-    assert!(
-        root,
-        "lab_podman_restores_the_image needs root: run `make test` as root"
-    );
-    assert!(
-        Path::new(ROOTFS).join("etc/migrate-lab/stamp").exists(),
-        "the lab root at {ROOTFS} is missing: build it with lab/rootfs.sh (make test does)"
-    );
-    let nodes = Lab::start(&lab);
-    nodes.exec(0, &["sh", "-euc", r#"
-        d=$(mktemp -d)
-        mkdir -p "$d/bin" "$d/tmp" "$d/etc" "$d/proc" "$d/sys" "$d/dev" "$d/root"
-        cp /bin/busybox "$d/bin/busybox"
-        for a in $(/bin/busybox --list); do [ -e "$d/bin/$a" ] || ln -s busybox "$d/bin/$a"; done
-        chmod 1777 "$d/tmp"
-        tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$d" -cf /shared/busybox-rootfs.tar .
-        rm -rf "$d""#]);
-    for i in 0..2 {
-        nodes.exec(
-            i,
-            &[
-                "podman",
-                "import",
-                "-q",
-                "--change",
-                "CMD=/bin/sh",
-                "/shared/busybox-rootfs.tar",
-                "localhost/lab/busybox",
-            ],
-        );
-    }
-    nodes.exec(
-        0,
-        &[
-            "podman",
-            "run",
-            "-d",
-            "--name",
-            "counter",
-            "--network=host",
-            "localhost/lab/busybox",
-            "sh",
-            "-c",
-            "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done",
-        ],
-    );
-    std::thread::sleep(Duration::from_secs(2));
+    support::require_lab("lab_podman_restores_the_image");
+    let nodes = support::Lab::start("/var/tmp/migrate-image-test", &["img-a", "img-b"]);
+    nodes.import_busybox();
+    nodes.start_counter(0, "counter");
     nodes.exec(
         0,
         &[
@@ -495,8 +320,8 @@ fn lab_podman_restores_the_image() {
     );
     let version = nodes.exec(0, &["podman", "version", "--format", "{{.Client.Version}}"]);
 
-    let shared = PathBuf::from(WORK).join("shared");
-    let count = checkpointed_count(&shared.join("ckpt.tar"));
+    let shared = nodes.shared();
+    let count = support::checkpointed_count(&shared.join("ckpt.tar"));
     let mut opts = ImageOptions::new("localhost/migrate/counter:mig-test");
     opts.engine_version = Some(version.trim().to_string());
     let made =
@@ -518,21 +343,6 @@ fn lab_podman_restores_the_image() {
             "localhost/migrate/counter:mig-test",
         ],
     );
-    let first: u64 = nodes
-        .exec(1, &["podman", "exec", "counter", "cat", "/tmp/count"])
-        .trim()
-        .parse()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    let later: u64 = nodes
-        .exec(1, &["podman", "exec", "counter", "cat", "/tmp/count"])
-        .trim()
-        .parse()
-        .unwrap();
-    println!("checkpointed count {count}; right after restore {first}; 1.5 s later {later}");
-    assert!(
-        first >= count && later >= count + 3,
-        "the counter restarted instead of continuing"
-    );
+    nodes.assert_continues(1, "counter", count);
     nodes.exec(1, &["podman", "ps"]);
 }

@@ -1,0 +1,626 @@
+//! The runtime seam: everything a migration asks of the container engine on a node —
+//! checkpoint a container into an archive, import a checkpoint image, restore from that image
+//! (or, to roll back, from the source's own archive), ask whether a container runs, and
+//! remove what a failed migration left behind — behind one trait, [`Runtime`], so the
+//! migration state machine does not know whether Podman or (later) the kubelet/CRI-O does it.
+//!
+//! [`Podman`] drives the `podman` CLI, run through a command prefix: empty on a real host,
+//! `lab/exec.sh NODE_DIR --` in a lab node. The CLI, not the libpod REST API, because:
+//! the API needs `podman system service` running on a socket in every node (one more daemon
+//! per lab node to start, supervise and tear down, and on real hosts a socket unit that is
+//! often disabled), while the CLI needs nothing but the binary; the commands are exactly the
+//! documented ones (`podman container checkpoint --export`, `podman load`, `podman container
+//! restore`), so what the engine does can be replayed by hand and compared with Podman's own
+//! manual migration; and a failure arrives as podman's own stderr, which we pass on. The cost
+//! is a process spawn per call (milliseconds, next to a CRIU dump) and parsing output, which
+//! is kept to the stable bits: container IDs, `Loaded image:` and the `--print-stats` JSON.
+//!
+//! The trait is synchronous and object safe (`Box<dyn Runtime>`): every call is one blocking
+//! child process, so the tokio daemon runs it under `spawn_blocking`, and a fake runtime for
+//! tests stays a plain struct. Paths are as the runtime sees them: in the lab that is inside
+//! the node (e.g. a `/shared` bind mount), not the caller's filesystem.
+
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+/// At most this many bytes of a command's stderr go into an error (the end is kept: podman
+/// prints its `Error:` line last).
+const STDERR_LIMIT: usize = 2000;
+
+/// What a checkpoint produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointOutcome {
+    /// The full container ID (from the runtime's statistics; the name given when it printed none).
+    pub container_id: String,
+    /// The archive written (as the runtime sees it).
+    pub archive: PathBuf,
+    /// Whether the container was left running (pre-copy rounds) or stopped (the final round).
+    pub left_running: bool,
+    /// Wall-clock time of the whole call, seen from here.
+    pub elapsed: Duration,
+    /// The runtime's own timings and page counts, when it reports them.
+    pub stats: Option<CheckpointStats>,
+}
+
+/// Checkpoint statistics as reported by podman `--print-stats` (from CRIU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckpointStats {
+    /// podman's whole checkpoint, export included.
+    pub engine_duration: Duration,
+    /// The OCI runtime's (crun's) checkpoint call.
+    pub runtime_duration: Duration,
+    /// Time CRIU spent freezing the processes.
+    pub freezing_time: Duration,
+    /// Time the processes stayed frozen: the downtime of a checkpoint that leaves them running.
+    pub frozen_time: Duration,
+    /// Memory pages CRIU scanned.
+    pub pages_scanned: u64,
+    /// Memory pages CRIU wrote to the image.
+    pub pages_written: u64,
+}
+
+/// Why a runtime call failed. Each message names the command, and says what to check.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The command could not be started at all.
+    #[error("could not run `{command}`: {source} (is podman installed, and is the command prefix right?)")]
+    Spawn {
+        /// The command line, prefix included.
+        command: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The runtime has no container by that name or ID.
+    #[error("`{command}` failed: there is no container {container:?} on this node (check `podman ps -a` there): {stderr}")]
+    NoSuchContainer {
+        /// The command line.
+        command: String,
+        /// The container asked for.
+        container: String,
+        /// podman's stderr, trimmed and bounded.
+        stderr: String,
+    },
+    /// The runtime has no image by that reference.
+    #[error("`{command}` failed: there is no image {image:?} on this node (was it imported? check `podman images` there): {stderr}")]
+    NoSuchImage {
+        /// The command line.
+        command: String,
+        /// The image reference asked for.
+        image: String,
+        /// podman's stderr, trimmed and bounded.
+        stderr: String,
+    },
+    /// The command failed and its stderr mentions CRIU.
+    #[error("`{command}` failed ({status}): {stderr} (is CRIU >= 4.2 installed in the node? `criu check` there; CRIU's log is in the container's checkpoint directory)")]
+    Criu {
+        /// The command line.
+        command: String,
+        /// Its exit status.
+        status: String,
+        /// podman's stderr, trimmed and bounded.
+        stderr: String,
+    },
+    /// The command failed for another reason.
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Failed {
+        /// The command line.
+        command: String,
+        /// Its exit status.
+        status: String,
+        /// podman's stderr, trimmed and bounded.
+        stderr: String,
+    },
+    /// The command succeeded but printed something we could not read.
+    #[error("`{command}` succeeded but its output is not what was expected ({what}): {output:?}")]
+    UnexpectedOutput {
+        /// The command line.
+        command: String,
+        /// What was looked for.
+        what: &'static str,
+        /// Its stdout, bounded.
+        output: String,
+    },
+}
+
+/// The container engine on one node, as a migration uses it.
+pub trait Runtime: Send + Sync + fmt::Debug {
+    /// Which runtime, on which node, for logs and errors.
+    fn describe(&self) -> String;
+
+    /// Checkpoints `container` into the uncompressed archive `out` (mode 0600). With
+    /// `leave_running` the container goes on after the dump (a pre-copy round); without, it is
+    /// stopped and its memory is only in the archive.
+    fn checkpoint(
+        &self,
+        container: &str,
+        out: &Path,
+        leave_running: bool,
+    ) -> Result<CheckpointOutcome, RuntimeError>;
+
+    /// Loads an OCI archive (an `engine::image` checkpoint image) into the node's image
+    /// store; returns the reference it was loaded under.
+    fn import_image(&self, oci_archive: &Path) -> Result<String, RuntimeError>;
+
+    /// Restores a container from a checkpoint image, named `name` or as it was checkpointed;
+    /// returns the new container's ID.
+    fn restore(&self, image_ref: &str, name: Option<&str>) -> Result<String, RuntimeError>;
+
+    /// Restores a container from its own checkpoint archive: the rollback when the source had
+    /// been stopped. The stopped container of the same name must be removed first. Returns its ID.
+    fn restore_in_place(&self, archive: &Path) -> Result<String, RuntimeError>;
+
+    /// Whether `container` is running; [`RuntimeError::NoSuchContainer`] if it does not exist.
+    fn is_running(&self, container: &str) -> Result<bool, RuntimeError>;
+
+    /// Removes `container`, stopping it at once if it runs. Removing one that does not exist
+    /// succeeds, so cleanup can run twice.
+    fn remove_container(&self, container: &str) -> Result<(), RuntimeError>;
+
+    /// Removes the image `image_ref`; an absent image is not an error. An image a container
+    /// still uses is not removed (the error says so): remove the container first.
+    fn remove_image(&self, image_ref: &str) -> Result<(), RuntimeError>;
+}
+
+/// [`Runtime`] through the `podman` CLI, run after a command prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Podman {
+    /// Words run before `podman`: empty on a host, `lab/exec.sh NODE_DIR --` in a lab node.
+    prefix: Vec<OsString>,
+    /// Pass `--tcp-established` to checkpoint and restore (containers with open TCP connections).
+    tcp_established: bool,
+}
+
+impl Podman {
+    /// Podman run as `PREFIX... podman ARGS...`.
+    pub fn new<S: Into<OsString>>(prefix: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            prefix: prefix.into_iter().map(Into::into).collect(),
+            tcp_established: false,
+        }
+    }
+
+    /// Podman on this host, run as plain `podman`.
+    pub fn local() -> Self {
+        Self::new(Vec::<OsString>::new())
+    }
+
+    /// Checkpoints and restores established TCP connections too (off by default: CRIU then
+    /// needs the connections' peers to be reachable from the destination).
+    pub fn with_tcp_established(mut self, on: bool) -> Self {
+        self.tcp_established = on;
+        self
+    }
+
+    /// Runs `podman ARGS`; Ok(stdout) on success, else the classified error. `subject` is the
+    /// container or image the command is about, for the "no such" errors.
+    fn run(&self, args: &[&OsStr], subject: Subject<'_>) -> Result<String, RuntimeError> {
+        let mut words: Vec<&OsStr> = self.prefix.iter().map(OsString::as_os_str).collect();
+        words.push(OsStr::new("podman"));
+        words.extend_from_slice(args);
+        let command = command_line(&words);
+        let output = Command::new(words[0])
+            .args(&words[1..])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| RuntimeError::Spawn {
+                command: command.clone(),
+                source,
+            })?;
+        check(command, &output, subject)
+    }
+}
+
+impl Runtime for Podman {
+    fn describe(&self) -> String {
+        if self.prefix.is_empty() {
+            "podman".to_string()
+        } else {
+            let words: Vec<&OsStr> = self.prefix.iter().map(OsString::as_os_str).collect();
+            format!("podman via `{}`", command_line(&words))
+        }
+    }
+
+    fn checkpoint(
+        &self,
+        container: &str,
+        out: &Path,
+        leave_running: bool,
+    ) -> Result<CheckpointOutcome, RuntimeError> {
+        let mut export = OsString::from("--export=");
+        export.push(out);
+        let mut args: Vec<&OsStr> = [
+            "container",
+            "checkpoint",
+            "--compress=none",
+            "--print-stats",
+        ]
+        .map(OsStr::new)
+        .to_vec();
+        args.push(&export);
+        if leave_running {
+            args.push(OsStr::new("--leave-running"));
+        }
+        if self.tcp_established {
+            args.push(OsStr::new("--tcp-established"));
+        }
+        args.extend([OsStr::new("--"), OsStr::new(container)]);
+        let started = Instant::now();
+        let stdout = self.run(&args, Subject::Container(container))?;
+        let elapsed = started.elapsed();
+        let (container_id, stats) = match parse_stats(&stdout) {
+            Some((id, stats)) => (id, Some(stats)),
+            None => (container.to_string(), None),
+        };
+        Ok(CheckpointOutcome {
+            container_id,
+            archive: out.to_path_buf(),
+            left_running: leave_running,
+            elapsed,
+            stats,
+        })
+    }
+
+    fn import_image(&self, oci_archive: &Path) -> Result<String, RuntimeError> {
+        let args = [OsStr::new("load"), OsStr::new("-q"), OsStr::new("-i")];
+        let mut args = args.to_vec();
+        args.push(oci_archive.as_os_str());
+        let stdout = self.run(&args, Subject::None)?;
+        parse_loaded(&stdout).ok_or_else(|| RuntimeError::UnexpectedOutput {
+            command: self.command_for(&args),
+            what: "a `Loaded image: REF` line",
+            output: bounded(&stdout),
+        })
+    }
+
+    fn restore(&self, image_ref: &str, name: Option<&str>) -> Result<String, RuntimeError> {
+        let mut args: Vec<&OsStr> = vec![OsStr::new("container"), OsStr::new("restore")];
+        if let Some(name) = name {
+            args.extend([OsStr::new("--name"), OsStr::new(name)]);
+        }
+        if self.tcp_established {
+            args.push(OsStr::new("--tcp-established"));
+        }
+        args.extend([OsStr::new("--"), OsStr::new(image_ref)]);
+        let stdout = self.run(&args, Subject::Image(image_ref))?;
+        self.container_id(&args, &stdout)
+    }
+
+    fn restore_in_place(&self, archive: &Path) -> Result<String, RuntimeError> {
+        let mut import = OsString::from("--import=");
+        import.push(archive);
+        let mut args: Vec<&OsStr> = vec![OsStr::new("container"), OsStr::new("restore")];
+        args.push(&import);
+        if self.tcp_established {
+            args.push(OsStr::new("--tcp-established"));
+        }
+        let stdout = self.run(&args, Subject::None)?;
+        self.container_id(&args, &stdout)
+    }
+
+    fn is_running(&self, container: &str) -> Result<bool, RuntimeError> {
+        let args = [
+            "container",
+            "inspect",
+            "--format",
+            "{{.State.Running}}",
+            "--",
+            container,
+        ]
+        .map(OsStr::new);
+        let stdout = self.run(&args, Subject::Container(container))?;
+        match stdout.trim() {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            _ => Err(RuntimeError::UnexpectedOutput {
+                command: self.command_for(&args),
+                what: "`true` or `false`",
+                output: bounded(&stdout),
+            }),
+        }
+    }
+
+    fn remove_container(&self, container: &str) -> Result<(), RuntimeError> {
+        let args = [
+            "container",
+            "rm",
+            "--ignore",
+            "--force",
+            "--time",
+            "0",
+            "--",
+            container,
+        ]
+        .map(OsStr::new);
+        self.run(&args, Subject::Container(container)).map(drop)
+    }
+
+    fn remove_image(&self, image_ref: &str) -> Result<(), RuntimeError> {
+        let args = ["image", "rm", "--ignore", "--", image_ref].map(OsStr::new);
+        self.run(&args, Subject::Image(image_ref)).map(drop)
+    }
+}
+
+impl Podman {
+    /// The command line of `podman ARGS` with this prefix, for errors.
+    fn command_for(&self, args: &[&OsStr]) -> String {
+        let mut words: Vec<&OsStr> = self.prefix.iter().map(OsString::as_os_str).collect();
+        words.push(OsStr::new("podman"));
+        words.extend_from_slice(args);
+        command_line(&words)
+    }
+
+    /// The container ID a restore printed (its last line).
+    fn container_id(&self, args: &[&OsStr], stdout: &str) -> Result<String, RuntimeError> {
+        let id = stdout.lines().map(str::trim).rfind(|l| !l.is_empty());
+        match id {
+            Some(id) if is_container_id(id) => Ok(id.to_string()),
+            _ => Err(RuntimeError::UnexpectedOutput {
+                command: self.command_for(args),
+                what: "a container ID",
+                output: bounded(stdout),
+            }),
+        }
+    }
+}
+
+/// What a command is about, so that "no such …" can be said of the right thing.
+#[derive(Debug, Clone, Copy)]
+enum Subject<'a> {
+    None,
+    Container(&'a str),
+    Image(&'a str),
+}
+
+/// Ok(stdout) if the command succeeded, else the error its stderr points to.
+fn check(command: String, output: &Output, subject: Subject<'_>) -> Result<String, RuntimeError> {
+    if output.status.success() {
+        return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
+    }
+    let stderr = bounded(&String::from_utf8_lossy(&output.stderr));
+    let status = output.status.to_string();
+    let lower = stderr.to_lowercase();
+    match subject {
+        Subject::Container(c)
+            if lower.contains("no such container")
+                || lower.contains("no container with name or id") =>
+        {
+            return Err(RuntimeError::NoSuchContainer {
+                command,
+                container: c.to_string(),
+                stderr,
+            });
+        }
+        Subject::Image(i)
+            if lower.contains("no such container or image")
+                || lower.contains("image not known")
+                || lower.contains("no such image") =>
+        {
+            return Err(RuntimeError::NoSuchImage {
+                command,
+                image: i.to_string(),
+                stderr,
+            });
+        }
+        _ => {}
+    }
+    if lower.contains("criu") {
+        Err(RuntimeError::Criu {
+            command,
+            status,
+            stderr,
+        })
+    } else {
+        Err(RuntimeError::Failed {
+            command,
+            status,
+            stderr,
+        })
+    }
+}
+
+/// `text` trimmed, and if longer than [`STDERR_LIMIT`] bytes only its end, marked with `…`.
+fn bounded(text: &str) -> String {
+    let text = text.trim();
+    if text.len() <= STDERR_LIMIT {
+        return text.to_string();
+    }
+    let mut start = text.len() - STDERR_LIMIT;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("…{}", &text[start..])
+}
+
+/// Words joined by spaces, each quoted if it would not read back as one word.
+fn command_line(words: &[&OsStr]) -> String {
+    let quoted: Vec<String> = words
+        .iter()
+        .map(|w| {
+            let w = w.to_string_lossy();
+            let plain = !w.is_empty()
+                && w.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c));
+            if plain {
+                w.into_owned()
+            } else {
+                format!("'{}'", w.replace('\'', r"'\''"))
+            }
+        })
+        .collect();
+    quoted.join(" ")
+}
+
+/// A full (64 hex digits) or short container ID.
+fn is_container_id(s: &str) -> bool {
+    (12..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The reference from `podman load` output: the last `Loaded image: REF` (or
+/// `Loaded image(s): REF, …`, first of the list).
+fn parse_loaded(stdout: &str) -> Option<String> {
+    stdout.lines().rev().find_map(|line| {
+        let rest = line.trim().strip_prefix("Loaded image")?;
+        let (_, refs) = rest.split_once(':')?;
+        let first = refs.split(',').next()?.trim();
+        (!first.is_empty()).then(|| first.to_string())
+    })
+}
+
+/// podman `--print-stats` JSON (times in microseconds).
+#[derive(Debug, Deserialize)]
+struct PrintedStats {
+    podman_checkpoint_duration: u64,
+    container_statistics: Vec<ContainerStats>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ContainerStats {
+    #[serde(rename = "Id")]
+    id: String,
+    runtime_checkpoint_duration: u64,
+    criu_statistics: CriuStats,
+}
+
+#[derive(Debug, Deserialize)]
+struct CriuStats {
+    #[serde(default)]
+    freezing_time: u64,
+    #[serde(default)]
+    frozen_time: u64,
+    #[serde(default)]
+    pages_scanned: u64,
+    #[serde(default)]
+    pages_written: u64,
+}
+
+/// The container ID and statistics of a checkpoint's `--print-stats` output, if readable.
+fn parse_stats(stdout: &str) -> Option<(String, CheckpointStats)> {
+    let printed: PrintedStats = serde_json::from_str(stdout.trim()).ok()?;
+    let c = printed.container_statistics.into_iter().next()?;
+    let us = Duration::from_micros;
+    Some((
+        c.id,
+        CheckpointStats {
+            engine_duration: us(printed.podman_checkpoint_duration),
+            runtime_duration: us(c.runtime_checkpoint_duration),
+            freezing_time: us(c.criu_statistics.freezing_time),
+            frozen_time: us(c.criu_statistics.frozen_time),
+            pages_scanned: c.criu_statistics.pages_scanned,
+            pages_written: c.criu_statistics.pages_written,
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A "podman" that is a shell script: the prefix runs `sh -c SCRIPT` and the podman
+    /// arguments land in `$@`.
+    fn fake(script: &str) -> Podman {
+        Podman::new(["sh", "-c", script])
+    }
+
+    #[test]
+    fn missing_container_is_named() {
+        let p = fake(
+            r#"echo 'Error: no container with name or ID "ghost" found: no such container' >&2; exit 125"#,
+        );
+        let err = p
+            .checkpoint("ghost", Path::new("/tmp/x.tar"), true)
+            .unwrap_err();
+        match &err {
+            RuntimeError::NoSuchContainer { container, .. } => assert_eq!(container, "ghost"),
+            other => panic!("wrong variant: {other}"),
+        }
+        let msg = err.to_string();
+        assert!(
+            msg.contains("\"ghost\"") && msg.contains("--export=/tmp/x.tar"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn criu_failures_point_at_criu() {
+        let p = fake("echo 'Error: crun: CRIU version 30000 too old' >&2; exit 125");
+        let err = p.checkpoint("c", Path::new("/o.tar"), false).unwrap_err();
+        assert!(matches!(err, RuntimeError::Criu { .. }), "{err}");
+        assert!(err.to_string().contains("CRIU >= 4.2"), "{err}");
+        assert!(err.to_string().contains("exit status: 125"), "{err}");
+    }
+
+    #[test]
+    fn missing_image_on_restore() {
+        let p = fake("echo 'Error: no such container or image: localhost/x:y' >&2; exit 125");
+        let err = p.restore("localhost/x:y", Some("n")).unwrap_err();
+        assert!(
+            matches!(&err, RuntimeError::NoSuchImage { image, .. } if image == "localhost/x:y"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn spawn_failure_names_the_command() {
+        let p = Podman::new(["/nonexistent/prefix"]);
+        let err = p.is_running("c").unwrap_err();
+        assert!(matches!(err, RuntimeError::Spawn { .. }), "{err}");
+        assert!(err
+            .to_string()
+            .contains("/nonexistent/prefix podman container inspect"));
+    }
+
+    #[test]
+    fn outputs_are_parsed() {
+        let p = fake(r#"echo "$@" >&2; echo true"#);
+        assert!(p.is_running("c").unwrap());
+        let p = fake("echo 'Loaded image: localhost/migrate/c:m1'");
+        assert_eq!(
+            p.import_image(Path::new("/i.tar")).unwrap(),
+            "localhost/migrate/c:m1"
+        );
+        assert_eq!(
+            parse_loaded("Getting image source signatures\nLoaded image(s): a/b:c, d/e:f\n"),
+            Some("a/b:c".into())
+        );
+        let id = "1b9711202e13e97d13bd857f05053b66950a33a010260996e5096b549da4ecb5";
+        let p = fake(&format!("echo {id}"));
+        assert_eq!(p.restore("img", None).unwrap(), id);
+        let p = fake("echo hello");
+        assert!(matches!(
+            p.restore_in_place(Path::new("/a.tar")),
+            Err(RuntimeError::UnexpectedOutput { .. })
+        ));
+    }
+
+    #[test]
+    fn stats_are_read() {
+        let json = r#"{"podman_checkpoint_duration": 300808, "container_statistics": [{"Id": "abc",
+            "runtime_checkpoint_duration": 255133, "criu_statistics": {"freezing_time": 100834,
+            "frozen_time": 63446, "memdump_time": 1308, "memwrite_time": 192, "pages_scanned": 49,
+            "pages_written": 33}}]}"#;
+        let (id, s) = parse_stats(json).unwrap();
+        assert_eq!(id, "abc");
+        assert_eq!(s.frozen_time, Duration::from_micros(63446));
+        assert_eq!(s.pages_written, 33);
+        assert_eq!(parse_stats("abc\n"), None);
+    }
+
+    #[test]
+    fn stderr_is_bounded_and_commands_quoted() {
+        let long = format!("{}Error: the end", "é".repeat(3000));
+        let b = bounded(&long);
+        assert!(b.len() <= STDERR_LIMIT + "…".len() && b.ends_with("Error: the end"));
+        let words = ["podman", "run", "sh", "-c", "echo it's"].map(OsStr::new);
+        assert_eq!(command_line(&words), r#"podman run sh -c 'echo it'\''s'"#);
+        assert_eq!(
+            Podman::new(["lab/exec.sh", "/n", "--"]).describe(),
+            "podman via `lab/exec.sh /n --`"
+        );
+    }
+}
