@@ -5,6 +5,7 @@
 
 mod certs;
 mod inspect;
+mod lab;
 mod output;
 mod transfer;
 
@@ -36,6 +37,8 @@ enum Command {
     Certs(certs::CertsArgs),
     /// Show what a checkpoint archive holds (validating it): container, pod, image, sizes.
     Inspect(inspect::InspectArgs),
+    /// The local lab of nodes: up, down, status, exec.
+    Lab(lab::LabArgs),
     /// Receive one transfer into a file, deduplicating against a chunk store.
     Receive(transfer::ReceiveArgs),
     /// Send a file to a receiving node.
@@ -49,6 +52,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Certs(args) => certs::run(args, &out),
         Command::Inspect(args) => inspect::run(args, &out),
+        Command::Lab(args) => match lab::run(args, &out) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
         Command::Receive(args) => transfer::receive(args, &out),
         Command::Send(args) => transfer::send(args, &out),
     };

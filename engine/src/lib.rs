@@ -3,10 +3,12 @@
 //! checkpoint archive (and extracts it safely), [`inspect`] reports what one holds,
 //! [`image`] turns one into the OCI checkpoint image that Podman and CRI-O restore from, and
 //! [`runtime`] is the seam to the container engine on a node (checkpoint, import, restore,
-//! is-running, cleanup), with its Podman CLI implementation. The daemon and the migration
+//! is-running, cleanup), with its Podman CLI implementation, and [`lab`] brings up, inspects and
+//! tears down the local lab of nodes (`migrate lab`). The daemon and the migration
 //! itself come next (issue 3).
 
 pub mod archive;
 pub mod image;
 pub mod inspect;
+pub mod lab;
 pub mod runtime;

@@ -1,0 +1,285 @@
+//! The lab for real (root and the lab root from lab/rootfs.sh are required; without them these
+//! tests fail saying so, they never skip): `up` with two nodes, status, exec, traffic between
+//! the nodes over the lab bridge, the recorded certificates, `down` leaving nothing behind; and
+//! `down` after a simulated crash. Each test uses its own state directory, namespace prefix and
+//! node names, so they run in parallel and never touch a user's lab.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use engine::lab::{self, LabOptions, LabState};
+
+fn require_lab(test: &str) {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
+    assert!(root, "{test} needs root: run `make test` as root");
+    let rootfs = LabOptions::default().rootfs;
+    assert!(
+        rootfs.join("etc/migrate-lab/stamp").exists(),
+        "{test}: the lab root at {} is missing: build it with lab/rootfs.sh (make test does)",
+        rootfs.display()
+    );
+}
+
+fn options(tag: &str) -> LabOptions {
+    let opts = LabOptions {
+        state_dir: PathBuf::from(format!("/tmp/migrate-e2e-{tag}")),
+        prefix: format!("mle2e-{tag}"),
+        ..LabOptions::default()
+    };
+    // A leftover of an earlier failed run of this very test.
+    let _ = lab::down(&opts);
+    opts
+}
+
+/// Runs `cmd` in `node`, returning (exit code, stdout).
+fn run(opts: &LabOptions, node: &str, cmd: &[&str]) -> (i32, String) {
+    let out = lab::command(node, cmd, opts)
+        .unwrap()
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!(
+        "[{node}] $ {}\n{stdout}{}",
+        cmd.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), stdout)
+}
+
+fn netns_with_prefix(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with(&format!("{prefix}-")))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Asserts nothing of the lab is left: namespaces, node processes, their cgroups, state.
+fn assert_gone(opts: &LabOptions, state: &LabState, cgroups: &[String]) {
+    assert_eq!(
+        netns_with_prefix(&opts.prefix),
+        Vec::<String>::new(),
+        "network namespaces left"
+    );
+    assert!(
+        !Path::new(&format!("/run/netns/{}", state.switch_netns)).exists(),
+        "switch namespace (and its bridge) left"
+    );
+    let bridge_on_host = Command::new("ip")
+        .args(["link", "show", lab::BRIDGE])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(
+        !bridge_on_host,
+        "a {} link is in the host namespace",
+        lab::BRIDGE
+    );
+    for n in &state.nodes {
+        assert!(!n.alive(), "node {} (pid {}) still runs", n.name, n.pid);
+        assert!(!n.dir.exists(), "node folder {} left", n.dir.display());
+    }
+    for cg in cgroups {
+        assert!(!Path::new(cg).exists(), "cgroup {cg} left");
+    }
+    assert!(!opts.state_file().exists(), "state file left");
+}
+
+fn node_cgroups(state: &LabState) -> Vec<String> {
+    state
+        .nodes
+        .iter()
+        .flat_map(|n| {
+            std::fs::read_to_string(n.dir.join("node.cgroup"))
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn lab_up_status_exec_reach_certs_down() {
+    require_lab("lab_up_status_exec_reach_certs_down");
+    let opts = options("a");
+    let names = vec!["e2ea-node1".to_string(), "e2ea-node2".to_string()];
+
+    let t = Instant::now();
+    let up = lab::up(&names, &opts).expect("lab up");
+    println!("lab up: {:.2} s", t.elapsed().as_secs_f64());
+    assert!(!up.already_up);
+    let state = up.state;
+    assert_eq!(state.nodes.len(), 2);
+    assert_eq!(state.nodes[0].address.to_string(), "10.231.0.10");
+    assert_eq!(state.nodes[1].address.to_string(), "10.231.0.11");
+    let mode = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!(mode(&opts.state_file()), 0o600);
+    assert_eq!(mode(&opts.state_dir), 0o700);
+
+    // Idempotent: a second up reports the lab as it is.
+    let again = lab::up(&names, &opts).expect("second lab up");
+    assert!(again.already_up);
+    assert_eq!(again.state, state);
+
+    let st = lab::status(&opts).expect("status");
+    assert!(st.up);
+    for (n, want) in st.nodes.iter().zip(&state.nodes) {
+        assert_eq!(n.name, want.name);
+        assert_eq!(n.address, want.address);
+        assert!(n.alive, "{} not alive", n.name);
+        assert_eq!(n.containers, Some(0));
+    }
+
+    let (code, out) = run(&opts, &names[0], &["hostname"]);
+    assert_eq!((code, out.trim()), (0, names[0].as_str()));
+    // exec passes exit codes through.
+    assert_eq!(run(&opts, &names[0], &["sh", "-c", "exit 7"]).0, 7);
+    // Only the lab subnet is routed in a node.
+    let (_, routes) = run(&opts, &names[0], &["ip", "route"]);
+    assert!(
+        !routes.contains("default"),
+        "node has a default route: {routes}"
+    );
+
+    // node1 reaches node2's address: ping, then TCP to a listener in node2.
+    let peer = state.nodes[1].address.to_string();
+    let (code, _) = run(
+        &opts,
+        &names[0],
+        &["busybox", "ping", "-c", "1", "-W", "2", &peer],
+    );
+    assert_eq!(code, 0, "node1 cannot ping node2 at {peer}");
+    let mut listener = lab::command(
+        &names[1],
+        &["sh", "-c", "echo hello-from-node2 | busybox nc -l -p 7070"],
+        &opts,
+    )
+    .unwrap()
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .spawn()
+    .unwrap();
+    let start = Instant::now();
+    let got = loop {
+        let (_, out) = run(
+            &opts,
+            &names[0],
+            &[
+                "sh",
+                "-c",
+                &format!("busybox nc -w 2 {peer} 7070 </dev/null"),
+            ],
+        );
+        if out.contains("hello-from-node2") {
+            break out;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no TCP answer from node2's listener"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    println!("TCP node1 -> node2: {}", got.trim());
+    let _ = listener.wait();
+
+    // The busybox image is present in every node, with the same ID.
+    let ids: Vec<String> = names
+        .iter()
+        .map(|n| {
+            run(
+                &opts,
+                n,
+                &[
+                    "podman",
+                    "image",
+                    "inspect",
+                    "-f",
+                    "{{.Id}}",
+                    lab::BUSYBOX_IMAGE,
+                ],
+            )
+        })
+        .map(|(code, out)| {
+            assert_eq!(code, 0);
+            out.trim().to_string()
+        })
+        .collect();
+    assert_eq!(ids[0], ids[1]);
+
+    for n in &state.nodes {
+        let id = transport::tls::NodeIdentity::load(&n.certs)
+            .unwrap_or_else(|e| panic!("certs of {} at {}: {e}", n.name, n.certs.display()));
+        println!("{}: certificate loads ({id:?})", n.name);
+        let (code, _) = run(&opts, &n.name, &["test", "-s", "/lab/node.key"]);
+        assert_eq!(code, 0, "{}: certificates not at /lab in the node", n.name);
+    }
+
+    let cgroups = node_cgroups(&state);
+    let t = Instant::now();
+    lab::down(&opts).expect("lab down");
+    println!("lab down: {:.2} s", t.elapsed().as_secs_f64());
+    assert_gone(&opts, &state, &cgroups);
+    lab::down(&opts).expect("lab down twice");
+}
+
+#[test]
+fn lab_down_after_crash() {
+    require_lab("lab_down_after_crash");
+    let opts = options("b");
+    let names = vec!["e2eb-node1".to_string(), "e2eb-node2".to_string()];
+    let state = lab::up(&names, &opts).expect("lab up").state;
+    let cgroups = node_cgroups(&state);
+    // A container running in node2 must go too.
+    let (code, _) = run(
+        &opts,
+        &names[1],
+        &[
+            "podman",
+            "run",
+            "-d",
+            "--name",
+            "c",
+            lab::BUSYBOX_IMAGE,
+            "sleep",
+            "1000",
+        ],
+    );
+    assert_eq!(code, 0);
+
+    // The crash: node1's init killed, node2's left running, the state file gone.
+    let killed = Command::new("kill")
+        .args(["-KILL", &state.nodes[0].pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    std::fs::remove_file(opts.state_file()).unwrap();
+
+    let st = lab::status(&opts).expect("status");
+    assert!(!st.up);
+    assert!(!st.leftovers.is_empty(), "status shows no leftovers");
+    let err = lab::up(&names, &opts).expect_err("up over leftovers");
+    assert!(err.to_string().contains("migrate lab down"), "{err}");
+
+    let t = Instant::now();
+    let report = lab::down(&opts).expect("lab down after a crash");
+    println!(
+        "lab down after crash: {:.2} s, {report:?}",
+        t.elapsed().as_secs_f64()
+    );
+    assert_gone(&opts, &state, &cgroups);
+}
