@@ -304,8 +304,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn lab_podman_restores_the_image() {
     support::require_lab("lab_podman_restores_the_image");
-    let nodes = support::Lab::start("/var/tmp/migrate-image-test", &["img-a", "img-b"]);
-    nodes.import_busybox();
+    let nodes = support::Lab::start("image", &["img-a", "img-b"]);
     nodes.start_counter(0, "counter");
     nodes.exec(
         0,

@@ -28,13 +28,12 @@ fn timed<T>(what: &str, f: impl FnOnce() -> T) -> T {
 fn lab_podman_runtime_moves_a_counter() {
     support::require_lab("lab_podman_runtime_moves_a_counter");
     let nodes = timed("two nodes up", || {
-        support::Lab::start("/var/tmp/migrate-runtime-test", &["rt-a", "rt-b"])
+        support::Lab::start("runtime", &["rt-a", "rt-b"])
     });
     let (a, b) = (nodes.podman(0), nodes.podman(1));
     println!("source: {}\ntarget: {}", a.describe(), b.describe());
 
     // Setup, not under test: the busybox image in both nodes and the counter on A.
-    nodes.import_busybox();
     nodes.start_counter(0, "counter");
     assert!(a.is_running("counter").unwrap());
 

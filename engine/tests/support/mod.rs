@@ -1,17 +1,18 @@
-//! Lab nodes for the engine's tests against the real thing: two nodes started with
-//! lab/enter.sh (each with its own mount, UTS, cgroup and network namespace, sharing the lab
-//! root and a `/shared` folder), commands run in them with lab/exec.sh, a busybox image and a
-//! counter container. `Drop` removes containers, nodes, namespaces and the work folder (set
-//! `KEEP=1` to keep the folder). Waits are on conditions with deadlines, never bare sleeps.
+//! Lab nodes for the engine's tests against the real thing, started with `engine::lab` (each
+//! with its own mount, UTS, cgroup and network namespace, sharing the lab root, a `/shared`
+//! folder and the busybox image), plus a counter container and a reader of the counter inside
+//! a checkpoint. `Drop` takes the lab down (set `KEEP=1` to keep its folder). Waits are on
+//! conditions with deadlines, never bare sleeps.
 
 #![allow(dead_code)] // each test binary uses its own part of this
 
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use engine::lab::{self, LabOptions};
 use engine::runtime::Podman;
 
 /// The lab root that lab/rootfs.sh builds.
@@ -44,75 +45,41 @@ pub fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) 
     }
 }
 
-/// Two lab nodes and their shared folder.
+/// Lab nodes of this test, started with [`engine::lab`] under a state directory and a namespace
+/// prefix of their own, so tests never touch a user's lab or each other.
 pub struct Lab {
-    lab: PathBuf,
-    work: PathBuf,
+    opts: LabOptions,
     names: Vec<String>,
-    /// Node folder and network namespace of each node.
-    nodes: Vec<(PathBuf, String)>,
-    /// The `setsid enter.sh` processes, reaped after stop.sh kills the nodes.
-    children: Vec<std::process::Child>,
 }
 
 impl Lab {
-    /// Starts one node per name under `work` (emptied first).
-    pub fn start(work: &str, names: &[&str]) -> Lab {
-        let lab = fs::canonicalize(Path::new(env!("CARGO_MANIFEST_DIR")).join("../lab")).unwrap();
-        let _ = fs::remove_dir_all(work);
-        fs::create_dir_all(Path::new(work).join("shared")).unwrap();
-        let mut me = Lab {
-            lab,
-            work: PathBuf::from(work),
-            names: names.iter().map(|n| n.to_string()).collect(),
-            nodes: Vec::new(),
-            children: Vec::new(),
+    /// Starts one node per name (each with `localhost/lab/busybox` imported); `tag` keeps this
+    /// test's state directory and namespaces apart.
+    pub fn start(tag: &str, names: &[&str]) -> Lab {
+        let opts = LabOptions {
+            state_dir: PathBuf::from(format!("/var/tmp/migrate-test-{tag}")),
+            prefix: format!("mlt-{tag}"),
+            ..LabOptions::default()
         };
-        for name in names {
-            let ns = format!("migrate-{name}");
-            let dir = me.work.join(name);
-            let _ = Command::new("ip")
-                .args(["netns", "del", &ns])
-                .stderr(Stdio::null())
-                .status();
-            run("ip", &["netns", "add", &ns]);
-            run("ip", &["-n", &ns, "link", "set", "lo", "up"]);
-            me.nodes.push((dir.clone(), ns.clone()));
-            let log = fs::File::create(me.work.join(format!("{name}.log"))).unwrap();
-            let child = Command::new("setsid")
-                .arg(me.lab.join("enter.sh"))
-                .args(["--netns", &ns, "--hostname", name, "--bind"])
-                .arg(format!("{}:/shared", me.shared().display()))
-                .arg(ROOTFS)
-                .arg(&dir)
-                .args(["--", "catatonit", "-P"])
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .unwrap();
-            me.children.push(child);
-            wait_for(
-                &format!("node {name} to start"),
-                Duration::from_secs(10),
-                || dir.join("node.pid").exists(),
-            );
-        }
-        me
+        // A leftover of an earlier, interrupted run of this very test.
+        let _ = lab::down(&opts);
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        lab::up(&names, &opts).unwrap_or_else(|e| panic!("lab up for {tag}: {e}"));
+        Lab { opts, names }
     }
 
     /// The folder every node sees as `/shared`.
     pub fn shared(&self) -> PathBuf {
-        self.work.join("shared")
+        self.opts.state_dir.join("shared")
     }
 
-    /// Podman in node `i`, through lab/exec.sh.
+    /// Podman in node `i`, through the lab's exec script.
     pub fn podman(&self, i: usize) -> Podman {
-        Podman::new([
-            self.lab.join("exec.sh").into_os_string(),
-            self.nodes[i].0.clone().into_os_string(),
-            "--".into(),
-        ])
+        let cmd = lab::command(&self.names[i], &[] as &[&str], &self.opts).unwrap();
+        Podman::new(
+            std::iter::once(cmd.get_program().to_os_string())
+                .chain(cmd.get_args().map(|a| a.to_os_string())),
+        )
     }
 
     /// Runs CMD in node `i`, echoing it and what it printed; panics unless it succeeds.
@@ -128,10 +95,9 @@ impl Lab {
     }
 
     fn try_exec(&self, i: usize, cmd: &[&str]) -> std::process::Output {
-        let out = Command::new(self.lab.join("exec.sh"))
-            .arg(&self.nodes[i].0)
-            .arg("--")
-            .args(cmd)
+        let out = lab::command(&self.names[i], cmd, &self.opts)
+            .unwrap()
+            .stdin(std::process::Stdio::null())
             .output()
             .unwrap();
         println!(
@@ -142,39 +108,6 @@ impl Lab {
             String::from_utf8_lossy(&out.stderr)
         );
         out
-    }
-
-    /// Builds a busybox-static root in node 0 and imports it as `localhost/lab/busybox` in
-    /// every node (the lab has no registry).
-    pub fn import_busybox(&self) {
-        self.exec(
-            0,
-            &[
-                "sh",
-                "-euc",
-                r#"d=$(mktemp -d)
-mkdir -p "$d/bin" "$d/tmp" "$d/etc" "$d/proc" "$d/sys" "$d/dev" "$d/root"
-cp /bin/busybox "$d/bin/busybox"
-for a in $(/bin/busybox --list); do [ -e "$d/bin/$a" ] || ln -s busybox "$d/bin/$a"; done
-chmod 1777 "$d/tmp"
-tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$d" -cf /shared/busybox-rootfs.tar .
-rm -rf "$d""#,
-            ],
-        );
-        for i in 0..self.nodes.len() {
-            self.exec(
-                i,
-                &[
-                    "podman",
-                    "import",
-                    "-q",
-                    "--change",
-                    "CMD=/bin/sh",
-                    "/shared/busybox-rootfs.tar",
-                    "localhost/lab/busybox",
-                ],
-            );
-        }
     }
 
     /// Runs a counter container `name` on node `i` and waits until it has counted to 5.
@@ -188,7 +121,7 @@ rm -rf "$d""#,
                 "--name",
                 name,
                 "--network=host",
-                "localhost/lab/busybox",
+                lab::BUSYBOX_IMAGE,
                 "sh",
                 "-c",
                 // Written aside and renamed, so a checkpoint never catches a half-written file.
@@ -234,30 +167,13 @@ rm -rf "$d""#,
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for (dir, ns) in &self.nodes {
-            if dir.join("node.pid").exists() {
-                let _ = Command::new(self.lab.join("exec.sh"))
-                    .arg(dir)
-                    .args(["--", "podman", "rm", "-a", "-f", "-t", "0"])
-                    .output();
-            }
-            let _ = Command::new(self.lab.join("stop.sh")).arg(dir).output();
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-        for child in &mut self.children {
-            let _ = child.wait();
+        if let Err(e) = lab::down(&self.opts) {
+            eprintln!("lab down for {}: {e}", self.opts.state_dir.display());
         }
         if std::env::var_os("KEEP").is_none() {
-            let _ = fs::remove_dir_all(&self.work);
+            let _ = fs::remove_dir_all(&self.opts.state_dir);
         }
     }
-}
-
-fn run(prog: &str, args: &[&str]) {
-    assert!(
-        Command::new(prog).args(args).status().unwrap().success(),
-        "{prog} {args:?}"
-    );
 }
 
 /// The counter value in a checkpoint archive's rootfs-diff.tar (`tmp/count`).
