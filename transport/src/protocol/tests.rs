@@ -586,9 +586,8 @@ fn receiver_refuses_manifest_gaps_and_overlong_streams() {
     ));
 }
 
-#[test]
-fn receiver_refuses_an_end_that_disagrees_and_a_wrong_hash() {
-    let now = Instant::now();
+/// A receiver whose manifest is one 100-byte zero chunk, its Need already taken.
+fn receiver_with_one_zero_chunk(now: Instant) -> Receiver {
     let mut r = welcomed_receiver(100);
     r.handle_frame(
         Frame::Manifest {
@@ -600,6 +599,13 @@ fn receiver_refuses_an_end_that_disagrees_and_a_wrong_hash() {
     )
     .unwrap();
     let _ = r.poll_transmit();
+    r
+}
+
+#[test]
+fn receiver_refuses_an_end_that_disagrees_and_a_wrong_hash() {
+    let now = Instant::now();
+    let mut r = receiver_with_one_zero_chunk(now);
     let err = r
         .handle_frame(
             Frame::End {
@@ -613,17 +619,7 @@ fn receiver_refuses_an_end_that_disagrees_and_a_wrong_hash() {
         .unwrap_err();
     assert!(matches!(err, ProtocolError::EndMismatch(_)));
 
-    let mut r = welcomed_receiver(100);
-    r.handle_frame(
-        Frame::Manifest {
-            first_index: 0,
-            entries: vec![entry(0, 100)],
-        },
-        &|_| false,
-        now,
-    )
-    .unwrap();
-    let _ = r.poll_transmit();
+    let mut r = receiver_with_one_zero_chunk(now);
     r.handle_frame(
         Frame::End {
             total_len: 100,
