@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use engine::lab::{self, LabOptions, LabState};
 
+const LAB_IMAGES: [&str; 3] = [lab::BUSYBOX_IMAGE, lab::NGINX_IMAGE, lab::REDIS_IMAGE];
+
 fn require_lab(test: &str) {
     let root = Command::new("id")
         .arg("-u")
@@ -50,6 +52,18 @@ fn run(opts: &LabOptions, node: &str, cmd: &[&str]) -> (i32, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.code().unwrap_or(-1), stdout)
+}
+
+/// Polls `f` every 100 ms until it gives a value, failing with `what` after `limit`.
+fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn netns_with_prefix(prefix: &str) -> Vec<String> {
@@ -197,29 +211,25 @@ fn lab_up_status_exec_reach_certs_down() {
     println!("TCP node1 -> node2: {}", got.trim());
     let _ = listener.wait();
 
-    // The busybox image is present in every node, with the same ID.
-    let ids: Vec<String> = names
-        .iter()
-        .map(|n| {
-            run(
-                &opts,
-                n,
-                &[
-                    "podman",
-                    "image",
-                    "inspect",
-                    "-f",
-                    "{{.Id}}",
-                    lab::BUSYBOX_IMAGE,
-                ],
-            )
-        })
-        .map(|(code, out)| {
-            assert_eq!(code, 0);
-            out.trim().to_string()
-        })
-        .collect();
-    assert_eq!(ids[0], ids[1]);
+    // Every lab image is present in every node, with the same ID.
+    for image in LAB_IMAGES {
+        let ids: Vec<String> = names
+            .iter()
+            .map(|n| {
+                run(
+                    &opts,
+                    n,
+                    &["podman", "image", "inspect", "-f", "{{.Id}}", image],
+                )
+            })
+            .map(|(code, out)| {
+                assert_eq!(code, 0, "{image} missing");
+                out.trim().to_string()
+            })
+            .collect();
+        assert!(!ids[0].is_empty());
+        assert_eq!(ids[0], ids[1], "{image} has different IDs in the nodes");
+    }
 
     for n in &state.nodes {
         let id = transport::tls::NodeIdentity::load(&n.certs)
@@ -281,5 +291,146 @@ fn lab_down_after_crash() {
         "lab down after crash: {:.2} s, {report:?}",
         t.elapsed().as_secs_f64()
     );
+    assert_gone(&opts, &state, &cgroups);
+}
+
+#[test]
+fn lab_images_nginx_and_redis_serve_across_nodes() {
+    require_lab("lab_images_nginx_and_redis_serve_across_nodes");
+    let opts = options("c");
+    let names = vec!["e2ec-node1".to_string(), "e2ec-node2".to_string()];
+    let t = Instant::now();
+    let state = lab::up(&names, &opts).expect("lab up").state;
+    println!(
+        "lab up (with the three images): {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+    for image in LAB_IMAGES {
+        let (code, out) = run(
+            &opts,
+            &names[0],
+            &["podman", "image", "inspect", "-f", "{{.Size}}", image],
+        );
+        assert_eq!(code, 0, "{image} missing");
+        let size: u64 = out.trim().parse().expect("image size");
+        println!("image {image}: {:.2} MB", size as f64 / 1e6);
+    }
+    let (client, server) = (&names[0], &names[1]);
+    let addr = state.nodes[1].address.to_string();
+
+    // nginx in node2 on the host network; a page written into the container is fetched from
+    // node1 over the lab bridge.
+    let (code, _) = run(
+        &opts,
+        server,
+        &[
+            "podman",
+            "run",
+            "-d",
+            "--name",
+            "web",
+            "--network=host",
+            lab::NGINX_IMAGE,
+        ],
+    );
+    assert_eq!(code, 0, "nginx does not start in {server}");
+    let (code, _) = run(
+        &opts,
+        server,
+        &[
+            "podman",
+            "exec",
+            "web",
+            "sh",
+            "-c",
+            "echo page-written-in-node2 > /var/www/html/t.html",
+        ],
+    );
+    assert_eq!(code, 0);
+    let url = format!("http://{addr}/t.html");
+    let page = wait_for(
+        "nginx in node2 answering node1",
+        Duration::from_secs(20),
+        || {
+            let (code, out) = run(
+                &opts,
+                client,
+                &["busybox", "wget", "-q", "-T", "2", "-O", "-", &url],
+            );
+            (code == 0).then_some(out)
+        },
+    );
+    assert_eq!(page.trim(), "page-written-in-node2");
+    // The same from a container in node1 (busybox image, host network).
+    let (code, index) = run(
+        &opts,
+        client,
+        &[
+            "podman",
+            "run",
+            "--rm",
+            "--network=host",
+            lab::BUSYBOX_IMAGE,
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            &format!("http://{addr}/"),
+        ],
+    );
+    assert_eq!(code, 0);
+    assert_eq!(index.trim(), "hello from the lab nginx");
+
+    // redis in node2; redis-cli from a redis container in node1.
+    let (code, _) = run(
+        &opts,
+        server,
+        &[
+            "podman",
+            "run",
+            "-d",
+            "--name",
+            "kv",
+            "--network=host",
+            lab::REDIS_IMAGE,
+        ],
+    );
+    assert_eq!(code, 0, "redis does not start in {server}");
+    let (code, _) = run(
+        &opts,
+        client,
+        &[
+            "podman",
+            "run",
+            "-d",
+            "--name",
+            "cli",
+            "--network=host",
+            lab::REDIS_IMAGE,
+            "sleep",
+            "1000",
+        ],
+    );
+    assert_eq!(code, 0);
+    let cli = |args: &[&str]| {
+        let mut cmd = vec!["podman", "exec", "cli", "redis-cli", "-h", &addr];
+        cmd.extend_from_slice(args);
+        run(&opts, client, &cmd)
+    };
+    wait_for(
+        "redis in node2 answering node1",
+        Duration::from_secs(20),
+        || {
+            let (code, out) = cli(&["ping"]);
+            (code == 0 && out.trim() == "PONG").then_some(())
+        },
+    );
+    let (code, out) = cli(&["set", "k", "v"]);
+    assert_eq!((code, out.trim()), (0, "OK"));
+    let (code, out) = cli(&["get", "k"]);
+    assert_eq!((code, out.trim()), (0, "v"));
+
+    let cgroups = node_cgroups(&state);
+    lab::down(&opts).expect("lab down");
     assert_gone(&opts, &state, &cgroups);
 }

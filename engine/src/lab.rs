@@ -32,8 +32,14 @@ pub const BRIDGE: &str = "migrate-lab0";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/migrate-lab";
 /// Default prefix of the lab's network namespace names.
 pub const DEFAULT_PREFIX: &str = "migrate-lab";
-/// The image every node holds after `up`.
+/// An image every node holds after `up`: busybox-static, CMD /bin/sh.
 pub const BUSYBOX_IMAGE: &str = "localhost/lab/busybox";
+/// An image every node holds after `up`: Debian's nginx (workers as root, `daemon off;`) serving
+/// /var/www/html on port 80, with busybox.
+pub const NGINX_IMAGE: &str = "localhost/lab/nginx";
+/// An image every node holds after `up`: Debian's redis-server and redis-cli, listening on
+/// 0.0.0.0:6379 with protected mode off and no persistence, with busybox.
+pub const REDIS_IMAGE: &str = "localhost/lab/redis";
 
 const STATE_VERSION: u32 = 1;
 const ENTER_SH: &str = include_str!("../../lab/enter.sh");
@@ -381,7 +387,7 @@ fn start(nodes: &[String], opts: &LabOptions) -> Result<LabState> {
     }
     // Recorded before the image import, so that `down` finds the nodes whatever happens next.
     write_state(opts, &state)?;
-    import_busybox(opts, &state)?;
+    import_images(opts, &state)?;
     Ok(state)
 }
 
@@ -449,34 +455,130 @@ fn start_node(
     }
 }
 
-/// Builds a busybox-static root from the lab root's /bin/busybox in the first node and imports
-/// it in every node. The tar is reproducible, so every node gets the same image ID.
-fn import_busybox(opts: &LabOptions, state: &LabState) -> Result<()> {
-    let script = r#"d=$(mktemp -d)
-mkdir -p "$d/bin" "$d/tmp" "$d/etc" "$d/proc" "$d/sys" "$d/dev" "$d/root"
+/// One image `up` builds in the first node and imports in every node.
+struct LabImage {
+    /// Its name in every node's storage.
+    name: &'static str,
+    /// The tar built in /shared.
+    tar: &'static str,
+    /// Shell that fills the root at `$d` (after the common part: busybox and its applets,
+    /// /etc/passwd, /tmp); it may use `copy PATH...` and `libs BINARY`.
+    fill: &'static str,
+    /// The `podman import --change` instruction.
+    cmd: &'static str,
+}
+
+const LAB_IMAGES: [LabImage; 3] = [
+    LabImage {
+        name: BUSYBOX_IMAGE,
+        tar: "busybox-rootfs.tar",
+        fill: "",
+        cmd: "CMD /bin/sh",
+    },
+    LabImage {
+        name: NGINX_IMAGE,
+        tar: "nginx-rootfs.tar",
+        fill: r#"b=/usr/sbin/nginx
+copy "$b" $(libs "$b")
+mkdir -p "$d/etc/nginx/conf.d" "$d/etc/nginx/modules-enabled" "$d/etc/nginx/sites-enabled" \
+  "$d/var/log/nginx" "$d/var/lib/nginx" "$d/var/www/html"
+cp /etc/nginx/mime.types "$d/etc/nginx/mime.types"
+for f in /etc/nginx/modules-enabled/*.conf; do [ ! -e "$f" ] || cp -L "$f" "$d/etc/nginx/modules-enabled/"; done
+# Workers run as root: CRIU cannot dump www-data workers here (lab/README.md, pitfall 9).
+sed -e 's/^user .*/user root;/' /etc/nginx/nginx.conf > "$d/etc/nginx/nginx.conf"
+printf 'daemon off;\n' >> "$d/etc/nginx/nginx.conf"
+grep -qx 'user root;' "$d/etc/nginx/nginx.conf" || { echo "no user line in /etc/nginx/nginx.conf" >&2; exit 1; }
+printf 'server {\n\tlisten 80 default_server;\n\troot /var/www/html;\n\tindex index.html;\n}\n' > "$d/etc/nginx/sites-enabled/default"
+echo 'hello from the lab nginx' > "$d/var/www/html/index.html"
+chroot "$d" /usr/sbin/nginx -t
+rm -rf "$d/var/log/nginx/"* "$d/var/lib/nginx/"* "$d/run/"*"#,
+        cmd: r#"CMD ["/usr/sbin/nginx"]"#,
+    },
+    LabImage {
+        name: REDIS_IMAGE,
+        tar: "redis-rootfs.tar",
+        fill: r#"copy /usr/bin/redis-server /usr/bin/redis-cli $(libs /usr/bin/redis-server) $(libs /usr/bin/redis-cli)
+mkdir -p "$d/etc/redis" "$d/data"
+printf '%s\n' 'bind 0.0.0.0' 'protected-mode no' 'port 6379' 'daemonize no' 'save ""' \
+  'appendonly no' 'dir /data' 'logfile ""' > "$d/etc/redis/redis.conf"
+chroot "$d" /usr/bin/redis-server --version
+chroot "$d" /usr/bin/redis-cli --version"#,
+        cmd: r#"CMD ["/usr/bin/redis-server","/etc/redis/redis.conf"]"#,
+    },
+];
+
+/// Shell run before each image's `fill`: a root at `$d` with the lab root's merged-/usr layout,
+/// busybox-static and its applets, root in /etc/passwd; `copy` copies files (links resolved) to
+/// the same path in it, `libs` lists the shared libraries `ldd` finds for a binary.
+const IMAGE_PRELUDE: &str = r#"d=$(mktemp -d)
+trap 'rm -rf "$d"' EXIT
+for l in bin sbin lib lib64; do
+  if [ -L "/$l" ]; then mkdir -p "$d/usr/$l"; ln -s "usr/$l" "$d/$l"; fi
+done
+mkdir -p "$d/bin" "$d/tmp" "$d/etc" "$d/proc" "$d/sys" "$d/dev" "$d/root" "$d/run"
+chmod 1777 "$d/tmp"
+copy() { for f in "$@"; do mkdir -p "$d$(dirname "$f")"; cp -L "$f" "$d$f"; done; }
+libs() { ldd "$1" | sed -n -e 's/.*=> \(\/[^ ]*\) .*/\1/p' -e 's/^[[:space:]]*\(\/[^ ]*\) .*/\1/p' | sort -u; }
+echo 'root:x:0:0:root:/root:/bin/sh' > "$d/etc/passwd"
+echo 'root:x:0:' > "$d/etc/group"
+"#;
+
+/// Shell run after `fill`: busybox applets for what is still missing, then the tar.
+const IMAGE_EPILOGUE: &str = r#"
 cp /bin/busybox "$d/bin/busybox"
 for a in $(/bin/busybox --list); do [ -e "$d/bin/$a" ] || ln -s busybox "$d/bin/$a"; done
-chmod 1777 "$d/tmp"
-tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$d" -cf /shared/busybox-rootfs.tar .
-rm -rf "$d""#;
+tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$d" -cf "$out.tmp" .
+mv "$out.tmp" "$out""#;
+
+/// Builds the lab images (busybox, nginx, redis) from the lab root in the first node, as
+/// reproducible tars in /shared, and imports them in every node: the same tar gives the same
+/// image ID everywhere.
+fn import_images(opts: &LabOptions, state: &LabState) -> Result<()> {
     let first = &state.nodes[0];
-    run_in(opts, first, &["sh", "-euc", script])?;
-    for node in &state.nodes {
-        run_in(
+    for img in &LAB_IMAGES {
+        let script = format!(
+            "out=/shared/{}\n{IMAGE_PRELUDE}{}{IMAGE_EPILOGUE}",
+            img.tar, img.fill
+        );
+        image_step(
             opts,
-            node,
-            &[
-                "podman",
-                "import",
-                "-q",
-                "--change",
-                "CMD=/bin/sh",
-                "/shared/busybox-rootfs.tar",
-                BUSYBOX_IMAGE,
-            ],
+            first,
+            img,
+            "building the root tar",
+            &["sh", "-euc", &script],
         )?;
     }
+    for node in &state.nodes {
+        for img in &LAB_IMAGES {
+            let tar = format!("/shared/{}", img.tar);
+            image_step(
+                opts,
+                node,
+                img,
+                "podman import",
+                &[
+                    "podman", "import", "-q", "--change", img.cmd, &tar, img.name,
+                ],
+            )?;
+        }
+    }
     Ok(())
+}
+
+fn image_step(
+    opts: &LabOptions,
+    node: &NodeState,
+    img: &LabImage,
+    step: &str,
+    cmd: &[&str],
+) -> Result<()> {
+    run_in(opts, node, cmd).map(drop).map_err(|e| match e {
+        LabError::Command { detail, .. } => LabError::Command {
+            what: format!("lab image {}: {step} in node {}", img.name, node.name),
+            detail,
+        },
+        other => other,
+    })
 }
 
 fn run_in(opts: &LabOptions, node: &NodeState, cmd: &[&str]) -> Result<String> {
