@@ -12,19 +12,9 @@ use engine::lab::{self, LabOptions, LabState};
 
 const LAB_IMAGES: [&str; 3] = [lab::BUSYBOX_IMAGE, lab::NGINX_IMAGE, lab::REDIS_IMAGE];
 
+/// Fails, saying why, unless this runs as root with the lab root built (`make test` builds it).
 fn require_lab(test: &str) {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    assert!(root, "{test} needs root: run `make test` as root");
-    let rootfs = LabOptions::default().rootfs;
-    assert!(
-        rootfs.join("etc/migrate-lab/stamp").exists(),
-        "{test}: the lab root at {} is missing: build it with lab/rootfs.sh (make test does)",
-        rootfs.display()
-    );
+    lab::check_ready(&LabOptions::default()).unwrap_or_else(|e| panic!("{test}: {e}"));
 }
 
 fn options(tag: &str) -> LabOptions {

@@ -69,6 +69,12 @@ pub enum LabError {
         /// What was found.
         what: String,
     },
+    /// The shared root filesystem has not been built.
+    #[error(
+        "the lab root at {0} is not built: run lab/rootfs.sh (`migrate lab up` and `make test` \
+         build it)"
+    )]
+    NoRootfs(PathBuf),
     /// The lab is not up.
     #[error("the lab is not up (no {0}): start it with `migrate lab up`")]
     NotUp(PathBuf),
@@ -868,7 +874,7 @@ fn validate(nodes: &[String], opts: &LabOptions) -> Result<()> {
 }
 
 fn build_rootfs(opts: &LabOptions) -> Result<()> {
-    let first = !opts.rootfs.join("etc/migrate-lab/stamp").exists();
+    let first = !rootfs_built(opts);
     if first {
         eprintln!(
             "lab: building the root filesystem at {} (about 75 s, needs the Debian mirror)",
@@ -924,6 +930,21 @@ fn write_scripts(opts: &LabOptions) -> Result<()> {
 fn private_dir(p: &Path) -> Result<()> {
     fs::create_dir_all(p).map_err(io("creating", p))?;
     fs::set_permissions(p, fs::Permissions::from_mode(0o700)).map_err(io("chmod", p))
+}
+
+/// Whether lab/rootfs.sh has finished building the root (it writes its stamp last).
+fn rootfs_built(opts: &LabOptions) -> bool {
+    opts.rootfs.join("etc/migrate-lab/stamp").exists()
+}
+
+/// Checks that a lab can run here without building anything first: root, and a built root
+/// filesystem. `up` builds a missing root itself; tests call this to fail early and say why.
+pub fn check_ready(opts: &LabOptions) -> Result<()> {
+    require_root()?;
+    if !rootfs_built(opts) {
+        return Err(LabError::NoRootfs(opts.rootfs.clone()));
+    }
+    Ok(())
 }
 
 fn require_root() -> Result<()> {

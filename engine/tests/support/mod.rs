@@ -9,28 +9,15 @@
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use engine::lab::{self, LabOptions};
 use engine::runtime::Podman;
 
-/// The lab root that lab/rootfs.sh builds.
-pub const ROOTFS: &str = "/var/lib/migrate-lab/rootfs";
-
 /// Fails, saying why, unless this runs as root with the lab root built: `make test` builds it,
 /// and a test that needs the real thing must not pass without it.
 pub fn require_lab(test: &str) {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    assert!(root, "{test} needs root: run `make test` as root");
-    assert!(
-        Path::new(ROOTFS).join("etc/migrate-lab/stamp").exists(),
-        "{test}: the lab root at {ROOTFS} is missing: build it with lab/rootfs.sh (make test does)"
-    );
+    lab::check_ready(&LabOptions::default()).unwrap_or_else(|e| panic!("{test}: {e}"));
 }
 
 /// Polls `cond` every 50 ms until it holds; panics with `what` after `deadline`.
