@@ -193,6 +193,15 @@ impl LabOptions {
     fn script(&self, name: &str) -> PathBuf {
         self.state_dir.join("scripts").join(name)
     }
+
+    /// A command running one lab script through bash. The script file is read, never exec'd:
+    /// exec fails with "Text file busy" while any forked child (of a parallel test thread, say)
+    /// still holds the descriptor that wrote it.
+    fn script_command(&self, name: &str) -> Command {
+        let mut c = Command::new("bash");
+        c.arg(self.script(name));
+        c
+    }
 }
 
 /// What `up` recorded: everything needed to reach the nodes later.
@@ -411,7 +420,7 @@ fn start_node(
     let log2 = log.try_clone().map_err(io("opening", &log_path))?;
     // setsid --fork: the node lives on in its own session after this process exits.
     let status = Command::new("setsid")
-        .arg("--fork")
+        .args(["--fork", "bash"])
         .arg(opts.script("enter.sh"))
         .args(["--netns", ns, "--hostname", name])
         .arg("--bind")
@@ -437,7 +446,8 @@ fn start_node(
     loop {
         if let Some((pid, st)) = read_pid_file(dir) {
             if start_time_of(pid) == Some(st)
-                && Command::new(opts.script("exec.sh"))
+                && opts
+                    .script_command("exec.sh")
                     .arg(dir)
                     .args(["--", "true"])
                     .stdout(Stdio::null())
@@ -606,7 +616,7 @@ fn run_in(opts: &LabOptions, node: &NodeState, cmd: &[&str]) -> Result<String> {
 }
 
 fn node_command<S: AsRef<std::ffi::OsStr>>(opts: &LabOptions, dir: &Path, cmd: &[S]) -> Command {
-    let mut c = Command::new(opts.script("exec.sh"));
+    let mut c = opts.script_command("exec.sh");
     c.arg(dir).arg("--").args(cmd);
     c
 }
@@ -740,7 +750,7 @@ pub fn down(opts: &LabOptions) -> Result<DownReport> {
         write_scripts(opts)?;
     }
     for dir in &dirs {
-        match run_cmd(Command::new(opts.script("stop.sh")).arg(dir)) {
+        match run_cmd(opts.script_command("stop.sh").arg(dir)) {
             Ok(_) => report.nodes.push(
                 dir.file_name()
                     .map(|n| n.to_string_lossy().into_owned())
@@ -881,7 +891,7 @@ fn build_rootfs(opts: &LabOptions) -> Result<()> {
             opts.rootfs.display()
         );
     }
-    let mut c = Command::new(opts.script("rootfs.sh"));
+    let mut c = opts.script_command("rootfs.sh");
     c.arg(&opts.rootfs);
     if first {
         let status = c
