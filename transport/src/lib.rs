@@ -15,6 +15,7 @@ pub mod chunker;
 pub mod codec;
 pub mod frame;
 pub mod id;
+pub mod ingest;
 pub mod protocol;
 pub mod quic;
 pub mod store;

@@ -1,0 +1,316 @@
+//! Keeps the chunks of an archive this node sent in its own chunk store, so that when the
+//! container migrates back, the transfer towards this node finds most chunks already here.
+//!
+//! [`ingest_file`] does to a local file what a transfer does to it, minus the network: it cuts
+//! the file with the same [`Chunker`] (so the same chunk ids, which are the blake3 of the raw
+//! bytes), skips zero chunks (a receiver never stores them: it writes zeros), encodes every
+//! other chunk with [`codec::encode`] at the sender's zstd level (the very call the sender
+//! makes before putting a chunk on the wire, and the receiver stores the wire payload as is),
+//! and [`DiskStore::put`]s the ones the store lacks. A later receiver asks its store
+//! [`DiskStore::contains`] for every manifest entry, so these chunks are never sent again.
+//!
+//! Work is split over the cores: the calling thread reads and chunks the file and checks the
+//! store's index; `cores - 1` threads (at least one) compress and append to the store; one
+//! more thread, mostly asleep in `fdatasync`, commits sealed packs as they fill. Chunks are
+//! handed over through a bounded queue, so memory stays at a few dozen chunks whatever the
+//! file size. A chunk repeated within the file is compressed and stored once.
+//!
+//! Durability follows the store's rules: before returning, [`ingest_file`] runs
+//! [`DiskStore::sync`], so every chunk it reports as added survives a crash. When it fails
+//! midway, it still syncs what it stored (best effort): those chunks are valid and useful.
+//! It does not apply the store's size cap; call [`DiskStore::evict_to_cap`] afterwards, as the
+//! receiver does after each transfer.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use thiserror::Error;
+use tracing::{debug, warn};
+
+use crate::chunker::{Chunker, Span};
+use crate::codec;
+use crate::store::{DiskStore, StoreError};
+
+/// Chunks queued between the chunking thread and the encoders (at most 256 KiB each).
+const QUEUE_CHUNKS: usize = 32;
+/// Upper bound on encoding threads, whatever the core count.
+const MAX_ENCODERS: usize = 8;
+
+/// What [`ingest_file`] did. Every chunk of the file is counted once in exactly one of
+/// `zero_chunks`, `chunks_added` and `chunks_present`, so they sum to `chunks`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct IngestReport {
+    /// Bytes of the file.
+    pub bytes: u64,
+    /// Chunks the file was cut into (what a transfer's manifest would list).
+    pub chunks: u64,
+    /// Chunks written to the store by this call.
+    pub chunks_added: u64,
+    /// Non-zero chunks that needed no write: already in the store, or repeating a chunk met
+    /// earlier in the file.
+    pub chunks_present: u64,
+    /// All-zero chunks, never stored (a receiver writes zeros for them).
+    pub zero_chunks: u64,
+    /// Wall time, including the final sync of the store.
+    pub seconds: f64,
+}
+
+/// Why [`ingest_file`] failed. Chunks stored before the failure stay in the store.
+#[derive(Debug, Error)]
+pub enum IngestError {
+    /// The file could not be opened.
+    #[error(
+        "opening {path} to keep its chunks: {source}; check that the file exists and this user \
+         can read it"
+    )]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// Reading the file failed partway.
+    #[error(
+        "reading {path} near byte {offset} to keep its chunks: {source}; check that the file is \
+         a regular, readable file and that nothing truncates it meanwhile"
+    )]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Bytes chunked before the failure.
+        offset: u64,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// Putting a chunk into the store, or committing one of its packs, failed.
+    #[error("keeping the chunks of {path} in the chunk store {root}: {source}")]
+    Store {
+        /// The file being ingested.
+        path: PathBuf,
+        /// The store's root.
+        root: PathBuf,
+        /// What the store reported (it names the pack and the operation); boxed to keep
+        /// `Result<_, IngestError>` small.
+        source: Box<StoreError>,
+    },
+    /// The final sync failed: the chunks added may not survive a crash.
+    #[error(
+        "making the chunks of {path} durable in the chunk store {root}: {source}; they may not \
+         survive a crash, check the disk holding the store"
+    )]
+    Sync {
+        /// The file being ingested.
+        path: PathBuf,
+        /// The store's root.
+        root: PathBuf,
+        /// What the store reported.
+        source: Box<StoreError>,
+    },
+    /// A worker thread could not be started.
+    #[error("starting a thread to ingest {path}: {source}; check the process's thread limit")]
+    Thread {
+        /// The file being ingested.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+/// Chunks `path` exactly as a transfer would and puts every non-zero chunk the store lacks
+/// (encoded with zstd `level` like the sender does), then syncs/commits the store so they
+/// survive a crash.
+///
+/// Pass the level the sending side uses (`SendOptions::level`, 1 by default) so the stored
+/// encodings are byte for byte what a receiver would have stored, and the node's one
+/// [`DiskStore`] for its store root (the same instance a concurrent receive uses). Chunks
+/// already present are marked used, which protects them from eviction. Blocking: it reads the
+/// whole file and writes to disk, so call it from `spawn_blocking` in async code.
+pub fn ingest_file(
+    store: &DiskStore,
+    path: &Path,
+    level: i32,
+) -> Result<IngestReport, IngestError> {
+    let started = Instant::now();
+    let file = File::open(path).map_err(|source| IngestError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let store_err = |source| IngestError::Store {
+        path: path.to_path_buf(),
+        root: store.root().to_path_buf(),
+        source: Box::new(source),
+    };
+    let encoders = std::thread::available_parallelism()
+        .map_or(1, |n| n.get().saturating_sub(1))
+        .clamp(1, MAX_ENCODERS);
+    let failed = AtomicBool::new(false);
+    let mut report = IngestReport::default();
+
+    let outcome = {
+        let (span_tx, span_rx) = mpsc::sync_channel::<Span>(QUEUE_CHUNKS);
+        let (commit_tx, commit_rx) = mpsc::sync_channel::<()>(1);
+        let span_rx = Mutex::new(span_rx);
+        let (failed, span_rx, report) = (&failed, &span_rx, &mut report);
+        std::thread::scope(move |s| {
+            let spawn_err = |source| IngestError::Thread {
+                path: path.to_path_buf(),
+                source,
+            };
+            // If a spawn fails, returning drops both senders: the threads already started see
+            // their queues close and end.
+            let committer = std::thread::Builder::new()
+                .name("ingest-commit".into())
+                .spawn_scoped(s, move || commit_loop(store, commit_rx, failed))
+                .map_err(spawn_err)?;
+            let mut workers = Vec::with_capacity(encoders);
+            for _ in 0..encoders {
+                let commit_tx = commit_tx.clone();
+                let worker = std::thread::Builder::new()
+                    .name("ingest-encode".into())
+                    .spawn_scoped(s, move || {
+                        encode_loop(store, span_rx, level, &commit_tx, failed)
+                    })
+                    .map_err(spawn_err)?;
+                workers.push(worker);
+            }
+            drop(commit_tx);
+            let chunked = chunk_loop(store, path, file, span_tx, failed, report);
+            let mut errors = vec![chunked.err()];
+            for worker in workers {
+                match worker.join().expect("an ingest encoder does not panic") {
+                    Ok((added, present)) => {
+                        report.chunks_added += added;
+                        report.chunks_present += present;
+                    }
+                    Err(e) => errors.push(Some(store_err(e))),
+                }
+            }
+            let committed = committer
+                .join()
+                .expect("the ingest committer does not panic");
+            errors.push(committed.err().map(store_err));
+            errors.into_iter().flatten().next().map_or(Ok(()), Err)
+        })
+    };
+
+    let synced = store.sync().map_err(|source| IngestError::Sync {
+        path: path.to_path_buf(),
+        root: store.root().to_path_buf(),
+        source: Box::new(source),
+    });
+    report.seconds = started.elapsed().as_secs_f64();
+    match (outcome, synced) {
+        (Ok(()), Ok(())) => {
+            debug!(path = %path.display(), ?report, "ingested");
+            Ok(report)
+        }
+        (Ok(()), Err(e)) => Err(e),
+        (Err(e), synced) => {
+            if let Err(sync) = synced {
+                warn!(error = %sync, "could not sync the chunks stored before the ingest failed");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Runs on the calling thread: chunks the file, counts, and queues the chunks the store lacks
+/// (each distinct one once). Stops early, without error, once another thread failed.
+fn chunk_loop(
+    store: &DiskStore,
+    path: &Path,
+    file: File,
+    tx: SyncSender<Span>,
+    failed: &AtomicBool,
+    report: &mut IngestReport,
+) -> Result<(), IngestError> {
+    let mut chunker = Chunker::new(file);
+    let mut seen = HashSet::new();
+    while let Some(span) = chunker.next() {
+        if failed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let span = span.map_err(|source| IngestError::Read {
+            path: path.to_path_buf(),
+            offset: chunker.position(),
+            source,
+        })?;
+        report.chunks += 1;
+        report.bytes += u64::from(span.entry.len);
+        let id = span.entry.id;
+        if span.entry.zero {
+            report.zero_chunks += 1;
+        } else if !seen.insert(id) {
+            report.chunks_present += 1;
+        } else if store.contains(&id) {
+            store.touch(&id);
+            report.chunks_present += 1;
+        } else if tx.send(span).is_err() {
+            // Cannot happen while the encoders drain the queue; stop rather than hang.
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Runs on each encoder thread: compresses and stores queued chunks, and wakes the committer
+/// when a pack is sealed. Returns (chunks added, chunks another put stored first). After a
+/// failure it keeps draining the queue, so the chunking thread never blocks on a full one.
+fn encode_loop(
+    store: &DiskStore,
+    rx: &Mutex<Receiver<Span>>,
+    level: i32,
+    commit: &SyncSender<()>,
+    failed: &AtomicBool,
+) -> Result<(u64, u64), StoreError> {
+    let (mut added, mut present) = (0, 0);
+    let mut error = None;
+    loop {
+        let next = rx.lock().expect("ingest queue lock").recv();
+        let Ok(span) = next else { break };
+        if failed.load(Ordering::Relaxed) {
+            continue;
+        }
+        let encoded = codec::encode(&span.data, level);
+        match store.put(&span.entry.id, span.entry.len, &encoded) {
+            Ok(true) => added += 1,
+            // A concurrent receive into the same store stored it meanwhile.
+            Ok(false) => present += 1,
+            Err(e) => {
+                failed.store(true, Ordering::Relaxed);
+                error = Some(e);
+                continue;
+            }
+        }
+        if store.sealed() > 0 {
+            // Full: a wake-up is already pending, and that commit round will see this pack.
+            let _ = commit.try_send(());
+        }
+    }
+    error.map_or(Ok((added, present)), Err)
+}
+
+/// Runs on its own thread: commits sealed packs (fdatasync, rename) whenever woken, until
+/// every encoder is gone. What is left is committed by the final [`DiskStore::sync`].
+fn commit_loop(
+    store: &DiskStore,
+    wake: Receiver<()>,
+    failed: &AtomicBool,
+) -> Result<(), StoreError> {
+    let mut error = None;
+    while wake.recv().is_ok() {
+        if error.is_none() {
+            if let Err(e) = store.commit_some(usize::MAX) {
+                failed.store(true, Ordering::Relaxed);
+                error = Some(e);
+            }
+        }
+    }
+    error.map_or(Ok(()), Err)
+}
