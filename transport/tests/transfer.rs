@@ -3,15 +3,17 @@
 //! certificate, and hostile peers that send a bad chunk or a malformed frame. Every wait has a
 //! deadline; nothing sleeps to synchronise.
 
+mod common;
+
 use std::collections::HashSet;
-use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use common::{loopback, same_file, write_source, Lab, DEADLINE};
 use tempfile::TempDir;
 use tokio::net::UdpSocket;
 use tokio::time::timeout;
@@ -23,62 +25,9 @@ use transport::store::DiskStore;
 use transport::tls::{init_certs, NodeIdentity, SERVER_NAME};
 use transport::{ChunkId, ManifestEntry};
 
-const DEADLINE: Duration = Duration::from_secs(60);
-
 static SEND: std::sync::LazyLock<SendOptions> = std::sync::LazyLock::new(SendOptions::default);
 static RECEIVE: std::sync::LazyLock<ReceiveOptions> =
     std::sync::LazyLock::new(ReceiveOptions::default);
-
-struct Lab {
-    tmp: TempDir,
-    sender: NodeIdentity,
-    receiver: NodeIdentity,
-}
-
-impl Lab {
-    fn new() -> Lab {
-        let tmp = tempfile::tempdir().unwrap();
-        let dirs = init_certs(
-            &tmp.path().join("certs"),
-            &["sender".into(), "receiver".into()],
-        )
-        .unwrap();
-        Lab {
-            sender: NodeIdentity::load(&dirs[0]).unwrap(),
-            receiver: NodeIdentity::load(&dirs[1]).unwrap(),
-            tmp,
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.tmp.path().join(name)
-    }
-
-    fn store(&self) -> Arc<DiskStore> {
-        Arc::new(DiskStore::open(&self.path("store"), None).unwrap())
-    }
-}
-
-/// Mixed content like a memory dump: zero runs, repeated blocks, text and noise.
-fn write_source(path: &Path, len: usize, seed: u64) {
-    let mut rng = fastrand::Rng::with_seed(seed);
-    let block: Vec<u8> = (0..100_000).map(|_| rng.u8(..)).collect();
-    let mut out = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-    let mut written = 0;
-    while written < len {
-        let run = 4096 * rng.usize(1..64);
-        let bytes: Vec<u8> = match rng.u8(..4) {
-            0 => vec![0; run],
-            1 => block.iter().copied().cycle().take(run).collect(),
-            2 => (0..run)
-                .map(|i| b"lorem ipsum dolor sit amet "[i % 27])
-                .collect(),
-            _ => (0..run).map(|_| rng.u8(..)).collect(),
-        };
-        out.write_all(&bytes).unwrap();
-        written += run;
-    }
-}
 
 fn unique_nonzero_chunks(path: &Path) -> usize {
     let chunker = Chunker::new(std::fs::File::open(path).unwrap());
@@ -88,14 +37,6 @@ fn unique_nonzero_chunks(path: &Path) -> usize {
         .map(|e| e.id)
         .collect();
     ids.len()
-}
-
-fn loopback() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
-
-fn same_file(a: &Path, b: &Path) -> bool {
-    std::fs::read(a).unwrap() == std::fs::read(b).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,10 +2,20 @@
 //! with one bidirectional control stream and several unidirectional chunk streams.
 //!
 //! - [`send`]: `send_file`, the sending node's side; it reconnects and resumes when the
-//!   connection drops.
+//!   connection drops. `send_file_via` is the same over connections from a [`Dialer`].
 //! - [`receive`]: `receive_file`, the receiving node's side; it waits for the sender to come
-//!   back after a drop.
+//!   back after a drop. `receive_file_from` is the same over connections handed over a channel.
 //! - This file: endpoints, the LAN transport settings, frame IO on streams, and the error type.
+//!
+//! ## Sharing an endpoint
+//! `send_file` and `receive_file` dial and accept on their endpoint themselves. A node daemon
+//! that runs its control protocol and transfers on one endpoint dials and accepts instead, and
+//! hands each transfer connection to `send_file_via` (through a [`Dialer`]) or
+//! `receive_file_from` (over a channel). Before handing a connection over it may use
+//! bidirectional streams of its own, such as a hello introducing the transfer: QUIC hands a
+//! peer's bidirectional streams to `accept_bi` in the order they were opened, so once the
+//! receiving daemon has accepted its hello stream, the transfer's `accept_bi` gets the sender's
+//! control stream. From then on the connection belongs to the transfer, which closes it.
 //!
 //! ## Transport settings for a LAN
 //! QUIC's defaults are tuned for the Internet: a 333 ms initial RTT estimate, 1.25 MB stream
@@ -38,8 +48,8 @@ use crate::protocol::ProtocolError;
 use crate::store::StoreError;
 use crate::tls::{NodeIdentity, TlsError};
 
-pub use receive::{receive_file, ReceiveOptions, ReceiveReport};
-pub use send::{send_file, SendOptions, SendReport};
+pub use receive::{receive_file, receive_file_from, ReceiveOptions, ReceiveReport};
+pub use send::{send_file, send_file_via, DialError, Dialer, SendOptions, SendReport};
 
 /// The QUIC idle timeout used unless a caller asks otherwise.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -135,6 +145,14 @@ pub enum TransferError {
         waited: Duration,
         /// The last error.
         last: String,
+    },
+    /// The peer's node daemon turned the transfer down before it began.
+    #[error("{addr} refused the transfer: {reason}")]
+    Refused {
+        /// The peer.
+        addr: String,
+        /// Why, in the peer's words.
+        reason: String,
     },
     /// The connection dropped and no new one completed the transfer in time.
     #[error("connection to {addr} lost and not resumed within {waited:?}: {last} (is the peer still running?)")]

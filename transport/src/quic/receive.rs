@@ -1,7 +1,9 @@
 //! The receiving node's side of a transfer: admit and verify chunks from several streams in
 //! parallel, store them, write them at their offsets in the output, and confirm the stream once
 //! its whole-stream hash checks. A dropped connection is waited out: the sender reconnects and
-//! only what the store still lacks is sent again.
+//! only what the store still lacks is sent again. Connections come over a channel:
+//! [`receive_file`] feeds it from its endpoint, [`receive_file_from`] takes a caller's (a node
+//! daemon's).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -10,7 +12,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
 
 use super::{classify, sleep_until, write_frame, FrameReader, SessionError, TransferError};
@@ -27,6 +29,12 @@ pub struct ReceiveOptions {
     pub protocol: ReceiverConfig,
     /// How long to wait for the sender to come back after the connection drops.
     pub resume_timeout: Duration,
+    /// Where to publish progress, if anywhere: the bytes of the output completed so far,
+    /// whether written from a received chunk, copied from the store, or a run of zeros (never
+    /// written). An approximation while the transfer runs (a resumed connection rebuilds the
+    /// output from the start without lowering it); it never decreases and equals the output's
+    /// size once the transfer succeeds. Read it with `Ordering::Relaxed` from any task.
+    pub progress: Option<Arc<AtomicU64>>,
 }
 
 impl Default for ReceiveOptions {
@@ -34,6 +42,7 @@ impl Default for ReceiveOptions {
         ReceiveOptions {
             protocol: ReceiverConfig::default(),
             resume_timeout: Duration::from_secs(60),
+            progress: None,
         }
     }
 }
@@ -68,6 +77,61 @@ pub async fn receive_file(
     out: &Path,
     options: &ReceiveOptions,
 ) -> Result<ReceiveReport, TransferError> {
+    let (tx, mut rx) = mpsc::channel(1);
+    let mut accepting = AbortOnDrop(tokio::spawn(accept_connections(endpoint.clone(), tx)));
+    let result = receive_file_from(&mut rx, store, out, options).await;
+    // Stop accepting before returning, so a later receive on the same endpoint gets the next
+    // connection: abort, then wait for the task to be gone.
+    accepting.0.abort();
+    let _ = (&mut accepting.0).await;
+    result
+}
+
+/// Aborts the accepting task if the receive is dropped before it finishes.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Accepts connections on `endpoint` and hands over those whose handshake succeeds, until the
+/// endpoint or the receiving side closes.
+async fn accept_connections(endpoint: quinn::Endpoint, conns: mpsc::Sender<quinn::Connection>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let addr = incoming.remote_address();
+        match incoming.await {
+            Ok(conn) => {
+                if conns.send(conn).await.is_err() {
+                    return;
+                }
+            }
+            // A peer without a valid certificate never gets a stream.
+            Err(e) => warn!(peer = %addr, error = %e, "refused a connection"),
+        }
+    }
+}
+
+/// Receives one transfer from connections handed over `conns`, writing it to `out`: what a
+/// node daemon that accepts every connection itself uses. The connections must have completed
+/// their handshake (a peer's name is read from its certificate).
+///
+/// Same semantics as [`receive_file`]: the first connection starts the transfer; when one
+/// drops, the next connection received within `resume_timeout` resumes it; a closed channel
+/// while waiting for a connection fails the transfer with [`TransferError::Lost`].
+///
+/// On each connection the transfer takes the next bidirectional stream the peer opens as its
+/// control stream (streams the caller accepted before handing the connection over are not
+/// seen), and every unidirectional stream as a chunk stream. The connection belongs to the
+/// transfer from then on: after a success the receiver waits up to 2 s for the sender to
+/// close it; after a loss or a failure the receiver closes it itself.
+pub async fn receive_file_from(
+    conns: &mut mpsc::Receiver<quinn::Connection>,
+    store: Arc<DiskStore>,
+    out: &Path,
+    options: &ReceiveOptions,
+) -> Result<ReceiveReport, TransferError> {
     let mut report = ReceiveReport::default();
     let wire = Arc::new(AtomicU64::new(0));
     let mut started: Option<Instant> = None;
@@ -77,10 +141,10 @@ pub async fn receive_file(
         let wait = lost_since
             .as_ref()
             .map(|(since, _)| options.resume_timeout.saturating_sub(since.elapsed()));
-        let incoming = match wait {
-            None => endpoint.accept().await,
-            Some(left) => match tokio::time::timeout(left, endpoint.accept()).await {
-                Ok(incoming) => incoming,
+        let next = match wait {
+            None => conns.recv().await,
+            Some(left) => match tokio::time::timeout(left, conns.recv()).await {
+                Ok(next) => next,
                 Err(_) => {
                     let (_, last) = lost_since.take().expect("waiting only after a loss");
                     let _ = std::fs::remove_file(&partial);
@@ -92,22 +156,24 @@ pub async fn receive_file(
                 }
             },
         };
-        let Some(incoming) = incoming else {
-            return Err(TransferError::Lost {
-                addr: report.peer.clone(),
-                waited: Duration::ZERO,
-                last: "the endpoint was closed".into(),
+        let Some(conn) = next else {
+            let _ = std::fs::remove_file(&partial);
+            let closed = "no more connections can come (the endpoint or the connection channel \
+                          was closed)";
+            return Err(match lost_since {
+                Some((since, last)) => TransferError::Lost {
+                    addr: report.peer.clone(),
+                    waited: since.elapsed(),
+                    last: format!("{last}; then {closed}"),
+                },
+                None => TransferError::Lost {
+                    addr: report.peer.clone(),
+                    waited: Duration::ZERO,
+                    last: closed.into(),
+                },
             });
         };
-        let addr = incoming.remote_address().to_string();
-        let conn = match incoming.await {
-            Ok(conn) => conn,
-            Err(e) => {
-                // A peer without a valid certificate never gets a stream.
-                warn!(peer = %addr, error = %e, "refused a connection");
-                continue;
-            }
-        };
+        let addr = conn.remote_address().to_string();
         started.get_or_insert_with(Instant::now);
         report.connections += 1;
         report.peer = crate::tls::peer_name(&conn).unwrap_or(addr.clone());
@@ -130,6 +196,9 @@ pub async fn receive_file(
                 })?;
                 report.wire_bytes = wire.load(Ordering::Relaxed);
                 report.seconds = started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+                if let Some(progress) = &options.progress {
+                    progress.fetch_max(report.bytes_written, Ordering::Relaxed);
+                }
                 // The sender closes once it has read `Done`; wait for that, briefly.
                 let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
                 evict(&store);
@@ -198,6 +267,10 @@ struct Shared {
     wire: Arc<AtomicU64>,
     /// Bounds the pack commits running beside the transfer.
     commit_slots: Arc<tokio::sync::Semaphore>,
+    /// Output bytes this session completed (written, copied or zero).
+    completed: AtomicU64,
+    /// The caller's progress counter, raised to `completed`.
+    progress: Option<Arc<AtomicU64>>,
 }
 
 impl Shared {
@@ -207,6 +280,15 @@ impl Shared {
             .expect("receiver lock")
             .fail(ProtocolError::Local { code, message });
         self.wake.notify_one();
+    }
+
+    /// Counts `n` more output bytes as completed.
+    fn advance(&self, n: u64) {
+        let completed = self.completed.fetch_add(n, Ordering::Relaxed) + n;
+        if let Some(progress) = &self.progress {
+            // A resumed session starts over from 0: never go backwards.
+            progress.fetch_max(completed, Ordering::Relaxed);
+        }
     }
 }
 
@@ -242,6 +324,8 @@ async fn session(
         out_path: partial.to_path_buf(),
         wire: wire.clone(),
         commit_slots: Arc::new(tokio::sync::Semaphore::new(COMMIT_TASKS)),
+        completed: AtomicU64::new(0),
+        progress: options.progress.clone(),
     });
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -316,8 +400,18 @@ async fn session(
             frame = reader.next() => match frame {
                 Ok(Some(frame)) => {
                     tracing::trace!(frame = frame.name(), "recv");
+                    // Zero chunks are complete as soon as they are listed: they are never written.
+                    let zeros = match &frame {
+                        Frame::Manifest { entries, .. } => {
+                            entries.iter().filter(|e| e.zero).map(|e| u64::from(e.len)).sum()
+                        }
+                        _ => 0,
+                    };
                     let has = |id: &ChunkId| store.contains(id);
-                    let _ = shared.receiver.lock().expect("receiver lock").handle_frame(frame, &has, Instant::now());
+                    let handled = shared.receiver.lock().expect("receiver lock").handle_frame(frame, &has, Instant::now());
+                    if handled.is_ok() && zeros > 0 {
+                        shared.advance(zeros);
+                    }
                 }
                 Ok(None) => lost = Some(SessionError::Lost(format!("{peer} closed the control stream"))),
                 Err(e) => lost = Some(e),
@@ -515,6 +609,7 @@ fn write_at_offsets(shared: &Shared, raw: &[u8], offsets: &[u64]) -> Result<(), 
                 path: shared.out_path.clone(),
                 source,
             })?;
+        shared.advance(raw.len() as u64);
     }
     Ok(())
 }

@@ -1,11 +1,14 @@
 //! The sending node's side of a transfer: chunk the file on one thread, answer the receiver's
 //! needs from several chunk streams with compression spread over the cores, and reconnect to
-//! resume when the connection drops.
+//! resume when the connection drops. Connections come from a [`Dialer`]: [`send_file`] dials
+//! with its own endpoint, [`send_file_via`] takes a caller's (a node daemon's) connections.
 
 use std::fs::File;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,6 +38,13 @@ pub struct SendOptions {
     pub protocol: SenderConfig,
     /// How long to keep trying to reconnect after the connection drops.
     pub resume_timeout: Duration,
+    /// Where to publish progress, if anywhere: the number of source bytes chunked and announced
+    /// to the receiver so far (the stream offset reached), updated as manifest frames go out.
+    /// The chunks the receiver lacks follow the announcement within a small window of manifest
+    /// batches. It never decreases (a resumed connection announces from the start again
+    /// without lowering it) and equals the file's size once the transfer succeeds. Read it with
+    /// `Ordering::Relaxed` from any task.
+    pub progress: Option<Arc<AtomicU64>>,
 }
 
 impl Default for SendOptions {
@@ -44,6 +54,7 @@ impl Default for SendOptions {
             streams: 4,
             protocol: SenderConfig::default(),
             resume_timeout: Duration::from_secs(60),
+            progress: None,
         }
     }
 }
@@ -67,11 +78,82 @@ pub struct SendReport {
     pub seconds: f64,
 }
 
+/// Makes the connections a sender uses: one per attempt (a resumed transfer dials again).
+///
+/// [`send_file`] dials with its endpoint; a node daemon that shares one endpoint between its
+/// control protocol and transfers implements this to dial and, say, introduce the transfer on
+/// a stream of its own before handing the connection over.
+pub trait Dialer: Send + Sync {
+    /// One connection attempt. The connection returned must be ready for a transfer session
+    /// (the transport opens its own control stream on it next). [`send_file_via`] bounds the
+    /// attempt by what is left of `resume_timeout`.
+    fn dial(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = Result<quinn::Connection, DialError>> + Send + '_>>;
+    /// The peer, for messages and logs.
+    fn peer(&self) -> String;
+}
+
+/// Why a [`Dialer`] produced no connection.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// The connection attempt failed: classified and retried exactly like a failed handshake of
+    /// [`send_file`] (a TLS refusal is fatal, a timeout or an unreachable peer is retried until
+    /// `resume_timeout`).
+    #[error("connection attempt failed: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// Give up at once with this error.
+    #[error(transparent)]
+    Fatal(#[from] TransferError),
+}
+
+/// Dials `addr` through a client endpoint: what [`send_file`] uses.
+struct EndpointDialer<'a> {
+    endpoint: &'a quinn::Endpoint,
+    addr: SocketAddr,
+}
+
+impl Dialer for EndpointDialer<'_> {
+    fn dial(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = Result<quinn::Connection, DialError>> + Send + '_>> {
+        Box::pin(async move {
+            let connecting = self
+                .endpoint
+                .connect(self.addr, SERVER_NAME)
+                .map_err(|source| TransferError::Connect {
+                    addr: self.addr,
+                    source,
+                })?;
+            Ok(connecting.await?)
+        })
+    }
+
+    fn peer(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
 /// Sends `path` to the receiver at `addr` through `endpoint` (see [`super::client_endpoint`]).
 /// Returns once the receiver confirmed the whole-stream hash.
 pub async fn send_file(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
+    path: &Path,
+    options: &SendOptions,
+) -> Result<SendReport, TransferError> {
+    send_file_via(&EndpointDialer { endpoint, addr }, path, options).await
+}
+
+/// Sends `path` over connections from `dialer`, dialing again to resume when a connection
+/// drops, until `resume_timeout` passes without a working one. Returns once the receiver
+/// confirmed the whole-stream hash.
+///
+/// Each connection belongs to the transfer once dialed: the transfer opens one bidirectional
+/// control stream and `streams` unidirectional chunk streams on it, and closes it when its
+/// session ends (code 0, reason `done` or `failed`), so it cannot carry anything afterwards.
+pub async fn send_file_via(
+    dialer: &dyn Dialer,
     path: &Path,
     options: &SendOptions,
 ) -> Result<SendReport, TransferError> {
@@ -87,7 +169,7 @@ pub async fn send_file(
         input_bytes,
         ..SendReport::default()
     };
-    let peer = addr.to_string();
+    let peer = dialer.peer();
     // Since when the transfer has been without a working connection (from the start, until the
     // first connection is up), and why.
     let mut trouble_since = Instant::now();
@@ -97,20 +179,27 @@ pub async fn send_file(
         let left = options
             .resume_timeout
             .saturating_sub(trouble_since.elapsed());
-        let connecting = endpoint
-            .connect(addr, SERVER_NAME)
-            .map_err(|source| TransferError::Connect { addr, source })?;
-        let outcome = match tokio::time::timeout(left, connecting).await {
+        let outcome = match tokio::time::timeout(left, dialer.dial()).await {
             Err(_) => Err(SessionError::Lost(
-                "the QUIC handshake did not complete".into(),
+                "the connection attempt did not complete".into(),
             )),
-            Ok(Err(e)) => Err(classify(&peer, &e)),
+            Ok(Err(DialError::Fatal(e))) => return Err(e),
+            Ok(Err(DialError::Connection(e))) => Err(classify(&peer, &e)),
             Ok(Ok(conn)) => {
                 info!(peer = %peer, resumed = connected_once, "connected");
                 connected_once = true;
                 report.connections += 1;
-                let result =
-                    session(&conn, path, &file, input_bytes, options, &wire, &mut report).await;
+                let result = session(
+                    &conn,
+                    &peer,
+                    path,
+                    &file,
+                    input_bytes,
+                    options,
+                    &wire,
+                    &mut report,
+                )
+                .await;
                 let reason: &[u8] = if result.is_ok() { b"done" } else { b"failed" };
                 conn.close(0u32.into(), reason);
                 if result.is_err() {
@@ -125,6 +214,9 @@ pub async fn send_file(
                 report.chunks_reused = stats.chunks_reused;
                 report.wire_bytes = wire.load(Ordering::Relaxed);
                 report.seconds = started.elapsed().as_secs_f64();
+                if let Some(progress) = &options.progress {
+                    progress.fetch_max(input_bytes, Ordering::Relaxed);
+                }
                 return Ok(report);
             }
             Err(SessionError::Fatal(e)) => return Err(e),
@@ -160,8 +252,10 @@ enum Input {
 }
 
 /// One connection's worth of the transfer.
+#[allow(clippy::too_many_arguments)]
 async fn session(
     conn: &quinn::Connection,
+    peer: &str,
     path: &Path,
     file: &Arc<File>,
     stream_len: u64,
@@ -169,7 +263,7 @@ async fn session(
     wire: &Arc<AtomicU64>,
     report: &mut SendReport,
 ) -> Result<SenderStats, SessionError> {
-    let peer = conn.remote_address().to_string();
+    let peer = peer.to_string();
     let (mut ctrl_send, ctrl_recv) = conn.open_bi().await.map_err(|e| classify(&peer, &e))?;
     let mut reader = FrameReader::new(ctrl_recv, &peer);
     let mut sender = Sender::new(options.protocol.clone(), stream_len, Instant::now());
@@ -210,11 +304,18 @@ async fn session(
 
     let mut req_tx = Some(req_tx);
     let mut input_open = true;
+    // Source bytes this session has announced in manifest frames: the stream offset reached.
+    let mut announced = 0u64;
     let result = loop {
         while let Some(frame) = sender.poll_transmit() {
             let n = write_frame(&mut ctrl_send, &frame, &peer).await?;
-            if matches!(frame, Frame::Manifest { .. }) {
+            if let Frame::Manifest { entries, .. } = &frame {
                 wire.fetch_add(n as u64, Ordering::Relaxed);
+                announced += entries.iter().map(|e| u64::from(e.len)).sum::<u64>();
+                if let Some(progress) = &options.progress {
+                    // A resumed session starts over from offset 0: never go backwards.
+                    progress.fetch_max(announced, Ordering::Relaxed);
+                }
             }
         }
         while let Some(req) = sender.poll_chunk() {
