@@ -65,7 +65,9 @@ Running it again while the lab is up only shows its status. Needs root.")]
 
 /// Runs a lab subcommand; `exec` passes on the command's exit code.
 pub fn run(args: LabArgs, out: &Output) -> anyhow::Result<ExitCode> {
-    let opts = LabOptions::from_env();
+    let mut opts = LabOptions::from_env();
+    // Each node runs this very binary as its daemon.
+    opts.daemon_binary = Some(std::env::current_exe().context("finding this program")?);
     match args.command {
         LabCommand::Up { nodes, node } => {
             let names = if node.is_empty() {

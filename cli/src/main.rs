@@ -4,11 +4,14 @@
 //! what to check), 2 bad usage.
 
 mod certs;
+mod daemon;
 mod inspect;
 mod lab;
+mod migrate;
 mod output;
 mod transfer;
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -17,6 +20,7 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "migrate", version, about, long_about = None)]
 #[command(after_help = "Examples:
+  migrate lab up && migrate web --from node1 --to node2
   migrate certs init --out certs --name node1 --name node2
   migrate receive --listen 0.0.0.0:7070 --store /var/lib/migrate/chunks --out ckpt.tar --certs certs/node2
   migrate send ckpt.tar --to 10.0.0.2:7070 --certs certs/node1")]
@@ -35,6 +39,8 @@ struct Cli {
 enum Command {
     /// Create the cluster CA and node certificates for mutual TLS.
     Certs(certs::CertsArgs),
+    /// Run the node daemon: migrates containers away and receives migrating ones.
+    Daemon(daemon::DaemonArgs),
     /// Show what a checkpoint archive holds (validating it): container, pod, image, sizes.
     Inspect(inspect::InspectArgs),
     /// The local lab of nodes: up, down, status, exec.
@@ -43,6 +49,9 @@ enum Command {
     Receive(transfer::ReceiveArgs),
     /// Send a file to a receiving node.
     Send(transfer::SendArgs),
+    /// CONTAINER --from NODE --to NODE: migrate a running container (`migrate CONTAINER --help`).
+    #[command(external_subcommand)]
+    Migrate(Vec<OsString>),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +60,11 @@ fn main() -> ExitCode {
     let out = output::Output { quiet: cli.quiet };
     let result = match cli.command {
         Command::Certs(args) => certs::run(args, &out),
+        Command::Daemon(args) => daemon::run(args, &out),
+        Command::Migrate(words) => match migrate::run(words, &out) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
         Command::Inspect(args) => inspect::run(args, &out),
         Command::Lab(args) => match lab::run(args, &out) {
             Ok(code) => return code,

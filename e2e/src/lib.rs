@@ -1,1 +1,15 @@
-//! End-to-end tests live in `tests/`; this library is empty.
+//! Helpers the end-to-end tests in `tests/` share.
+
+use std::time::{Duration, Instant};
+
+/// Polls `f` every 100 ms until it gives a value, failing with `what` after `limit`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

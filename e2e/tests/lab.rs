@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use e2e::wait_for;
 use engine::lab::{self, LabOptions, LabState};
 
 const LAB_IMAGES: [&str; 3] = [lab::BUSYBOX_IMAGE, lab::NGINX_IMAGE, lab::REDIS_IMAGE];
@@ -42,18 +43,6 @@ fn run(opts: &LabOptions, node: &str, cmd: &[&str]) -> (i32, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.code().unwrap_or(-1), stdout)
-}
-
-/// Polls `f` every 100 ms until it gives a value, failing with `what` after `limit`.
-fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn netns_with_prefix(prefix: &str) -> Vec<String> {

@@ -32,13 +32,25 @@ pub const BRIDGE: &str = "migrate-lab0";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/migrate-lab";
 /// Default prefix of the lab's network namespace names.
 pub const DEFAULT_PREFIX: &str = "migrate-lab";
+/// The port of each node's daemon.
+pub const DAEMON_PORT: u16 = 7400;
+/// The certificate name `up` makes for the user's `migrate` commands (under `certs/`).
+pub const OPERATOR: &str = "operator";
+/// Where the daemon keeps its state inside a node (node-private: under the podman storage bind).
+pub const DAEMON_STATE: &str = "/var/lib/containers/migrate";
+/// Where the daemon binary is seen inside a node.
+const DAEMON_BIN_DIR: &str = "/opt/migrate";
+/// The daemon's PID file inside a node (/run is the node's own tmpfs).
+const DAEMON_PID: &str = "/run/migrate-daemon.pid";
+
 /// An image every node holds after `up`: busybox-static, CMD /bin/sh.
 pub const BUSYBOX_IMAGE: &str = "localhost/lab/busybox";
 /// An image every node holds after `up`: Debian's nginx (workers as root, `daemon off;`) serving
 /// /var/www/html on port 80, with busybox.
 pub const NGINX_IMAGE: &str = "localhost/lab/nginx";
 /// An image every node holds after `up`: Debian's redis-server and redis-cli, listening on
-/// 0.0.0.0:6379 with protected mode off and no persistence, with busybox.
+/// 0.0.0.0:6379 with protected mode off and no persistence, DEBUG allowed from inside the
+/// container (`DEBUG DIGEST` checks a dataset), with busybox.
 pub const REDIS_IMAGE: &str = "localhost/lab/redis";
 
 const STATE_VERSION: u32 = 1;
@@ -147,6 +159,8 @@ pub struct LabOptions {
     pub prefix: String,
     /// How long a node may take to start.
     pub start_timeout: Duration,
+    /// The `migrate` binary to run as each node's daemon; `None` starts no daemons.
+    pub daemon_binary: Option<PathBuf>,
 }
 
 impl Default for LabOptions {
@@ -156,6 +170,7 @@ impl Default for LabOptions {
             rootfs: PathBuf::from(DEFAULT_STATE_DIR).join("rootfs"),
             prefix: DEFAULT_PREFIX.to_string(),
             start_timeout: Duration::from_secs(30),
+            daemon_binary: None,
         }
     }
 }
@@ -225,6 +240,13 @@ pub struct LabState {
     pub nodes: Vec<NodeState>,
 }
 
+impl LabState {
+    /// The certificate folder of the user's commands (`migrate CONTAINER --from ...`).
+    pub fn operator_certs(&self) -> PathBuf {
+        self.ca_dir.join(OPERATOR)
+    }
+}
+
 /// One node as recorded by `up`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct NodeState {
@@ -245,6 +267,11 @@ pub struct NodeState {
 }
 
 impl NodeState {
+    /// Where the node's daemon listens.
+    pub fn daemon_addr(&self) -> std::net::SocketAddr {
+        (self.address, DAEMON_PORT).into()
+    }
+
     /// Whether the node's init still runs.
     pub fn alive(&self) -> bool {
         start_time_of(self.pid) == Some(self.start_time)
@@ -349,7 +376,10 @@ fn start(nodes: &[String], opts: &LabOptions) -> Result<LabState> {
     let ca_dir = opts.state_dir.join("certs");
     private_dir(&opts.nodes_dir())?;
     private_dir(&shared)?;
-    let cert_dirs = transport::tls::init_certs(&ca_dir, nodes)?;
+    let mut names = nodes.to_vec();
+    names.push(OPERATOR.to_string());
+    let cert_dirs = transport::tls::init_certs(&ca_dir, &names)?;
+    let bin_dir = install_daemon_binary(opts)?;
 
     let sw = opts.switch_netns();
     ip(&["netns", "add", &sw])?;
@@ -389,7 +419,15 @@ fn start(nodes: &[String], opts: &LabOptions) -> Result<LabState> {
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
 
         let dir = opts.nodes_dir().join(name);
-        let (pid, start_time) = start_node(opts, name, &ns, &dir, &cert_dirs[i], &shared)?;
+        let (pid, start_time) = start_node(
+            opts,
+            name,
+            &ns,
+            &dir,
+            &cert_dirs[i],
+            &shared,
+            bin_dir.as_deref(),
+        )?;
         state.nodes.push(NodeState {
             name: name.clone(),
             address,
@@ -403,7 +441,85 @@ fn start(nodes: &[String], opts: &LabOptions) -> Result<LabState> {
     // Recorded before the image import, so that `down` finds the nodes whatever happens next.
     write_state(opts, &state)?;
     import_images(opts, &state)?;
+    if opts.daemon_binary.is_some() {
+        for node in &state.nodes {
+            start_daemon(&node.name, opts)?;
+        }
+    }
     Ok(state)
+}
+
+/// Copies the daemon binary into `<state>/bin` (bound into every node at /opt/migrate), so
+/// rebuilding it does not change what running nodes see.
+fn install_daemon_binary(opts: &LabOptions) -> Result<Option<PathBuf>> {
+    let Some(binary) = &opts.daemon_binary else {
+        return Ok(None);
+    };
+    let dir = opts.state_dir.join("bin");
+    private_dir(&dir)?;
+    let target = dir.join("migrate");
+    let tmp = dir.join(".migrate.tmp");
+    fs::copy(binary, &tmp).map_err(io("copying the daemon binary from", binary))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o700)).map_err(io("chmod", &tmp))?;
+    fs::rename(&tmp, &target).map_err(io("renaming to", &target))?;
+    Ok(Some(dir))
+}
+
+/// Starts `migrate daemon` in `node` (listening on its lab address, port [`DAEMON_PORT`],
+/// with the node's certificate and state in [`DAEMON_STATE`]) and waits until it listens. Its
+/// output goes to `nodes/<node>.daemon.log`. Used by `up`, and by tests that restart a daemon.
+pub fn start_daemon(node: &str, opts: &LabOptions) -> Result<()> {
+    let state = read_state(opts)?.ok_or_else(|| LabError::NotUp(opts.state_file()))?;
+    let n = find_node(&state, node)?;
+    write_scripts(opts)?;
+    let log_path = opts.nodes_dir().join(format!("{node}.daemon.log"));
+    let log = fs::File::create(&log_path).map_err(io("creating", &log_path))?;
+    let log2 = log.try_clone().map_err(io("opening", &log_path))?;
+    let inner = format!(
+        "echo $$ > {DAEMON_PID}; exec {DAEMON_BIN_DIR}/migrate -v daemon --listen {} --certs /lab \
+         --state {DAEMON_STATE} --idle-timeout 10 --resume-timeout 10",
+        n.daemon_addr()
+    );
+    let status = Command::new("setsid")
+        .args(["--fork", "bash"])
+        .arg(opts.script("exec.sh"))
+        .arg(&n.dir)
+        .args(["--", "sh", "-c", &inner])
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .status()
+        .map_err(io("running setsid for", &opts.script("exec.sh")))?;
+    if !status.success() {
+        return Err(LabError::Command {
+            what: format!("starting the daemon of {node}"),
+            detail: format!("{status}; see {}", log_path.display()),
+        });
+    }
+    let deadline = Instant::now() + opts.start_timeout;
+    loop {
+        let text = fs::read_to_string(&log_path).unwrap_or_default();
+        if text.contains("listening on") {
+            tracing::info!(node, "lab daemon started");
+            return Ok(());
+        }
+        if Instant::now() >= deadline || text.contains("error:") {
+            return Err(LabError::NodeStart {
+                name: format!("{node} (its daemon)"),
+                secs: opts.start_timeout.as_secs(),
+                log: log_path.display().to_string(),
+                tail: tail(&text, 10),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Kills the daemon of `node` at once (SIGKILL), as a crash would.
+pub fn kill_daemon(node: &str, opts: &LabOptions) -> Result<()> {
+    let script = format!("kill -KILL \"$(cat {DAEMON_PID})\"");
+    let mut c = command(node, &["sh", "-c", &script], opts)?;
+    run_cmd(&mut c).map(drop)
 }
 
 fn start_node(
@@ -413,6 +529,7 @@ fn start_node(
     dir: &Path,
     certs: &Path,
     shared: &Path,
+    bin_dir: Option<&Path>,
 ) -> Result<(u32, u64)> {
     private_dir(dir)?;
     let log_path = opts.nodes_dir().join(format!("{name}.log"));
@@ -427,6 +544,17 @@ fn start_node(
         .arg(format!("{}:/shared", shared.display()))
         .arg("--bind")
         .arg(format!("{}:/lab", certs.display()))
+        .args(
+            bin_dir
+                .map(|b| {
+                    [
+                        "--bind".to_string(),
+                        format!("{}:{DAEMON_BIN_DIR}", b.display()),
+                    ]
+                })
+                .into_iter()
+                .flatten(),
+        )
         .arg(&opts.rootfs)
         .arg(dir)
         .args(["--", "catatonit", "-P"])
@@ -516,7 +644,8 @@ rm -rf "$d/var/log/nginx/"* "$d/var/lib/nginx/"* "$d/run/"*"#,
         fill: r#"copy /usr/bin/redis-server /usr/bin/redis-cli $(libs /usr/bin/redis-server) $(libs /usr/bin/redis-cli)
 mkdir -p "$d/etc/redis" "$d/data"
 printf '%s\n' 'bind 0.0.0.0' 'protected-mode no' 'port 6379' 'daemonize no' 'save ""' \
-  'appendonly no' 'dir /data' 'logfile ""' > "$d/etc/redis/redis.conf"
+  'appendonly no' 'dir /data' 'logfile ""' 'enable-debug-command local' \
+  > "$d/etc/redis/redis.conf"
 chroot "$d" /usr/bin/redis-server --version
 chroot "$d" /usr/bin/redis-cli --version"#,
         cmd: r#"CMD ["/usr/bin/redis-server","/etc/redis/redis.conf"]"#,
@@ -621,6 +750,23 @@ fn node_command<S: AsRef<std::ffi::OsStr>>(opts: &LabOptions, dir: &Path, cmd: &
     c
 }
 
+/// The node named `name`, or an error listing the lab's nodes.
+fn find_node<'a>(state: &'a LabState, name: &str) -> Result<&'a NodeState> {
+    state
+        .nodes
+        .iter()
+        .find(|n| n.name == name)
+        .ok_or_else(|| LabError::UnknownNode {
+            name: name.to_string(),
+            known: state
+                .nodes
+                .iter()
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
 /// A command that runs `cmd` in `node` (through lab/exec.sh); the caller chooses its stdio.
 pub fn command<S: AsRef<std::ffi::OsStr>>(
     node: &str,
@@ -629,19 +775,7 @@ pub fn command<S: AsRef<std::ffi::OsStr>>(
 ) -> Result<Command> {
     require_root()?;
     let state = read_state(opts)?.ok_or_else(|| LabError::NotUp(opts.state_file()))?;
-    let n = state
-        .nodes
-        .iter()
-        .find(|n| n.name == node)
-        .ok_or_else(|| LabError::UnknownNode {
-            name: node.to_string(),
-            known: state
-                .nodes
-                .iter()
-                .map(|n| n.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-        })?;
+    let n = find_node(&state, node)?;
     if !n.alive() {
         return Err(LabError::NodeDead(n.name.clone()));
     }
@@ -770,7 +904,7 @@ pub fn down(opts: &LabOptions) -> Result<DownReport> {
 
     // 4. Files: node folders, certificates, shared folder, scripts, state.
     if errors.is_empty() {
-        for sub in ["nodes", "certs", "shared", "scripts"] {
+        for sub in ["nodes", "certs", "shared", "scripts", "bin"] {
             let p = opts.state_dir.join(sub);
             if p.exists() {
                 fs::remove_dir_all(&p).map_err(io("removing", &p))?;
@@ -878,6 +1012,9 @@ fn validate(nodes: &[String], opts: &LabOptions) -> Result<()> {
         })?;
         if n == "switch" {
             return bad(n, "the switch namespace has that name");
+        }
+        if n == OPERATOR {
+            return bad(n, "the certificate of the user's commands has that name");
         }
     }
     Ok(())

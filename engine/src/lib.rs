@@ -4,11 +4,16 @@
 //! [`image`] turns one into the OCI checkpoint image that Podman and CRI-O restore from, and
 //! [`runtime`] is the seam to the container engine on a node (checkpoint, import, restore,
 //! is-running, cleanup), with its Podman CLI implementation, and [`lab`] brings up, inspects and
-//! tears down the local lab of nodes (`migrate lab`). The daemon and the migration
-//! itself come next (issue 3).
+//! tears down the local lab of nodes (`migrate lab`). [`daemon`] is the node daemon: it speaks
+//! [`control`] with the CLI and other daemons, runs the source side of a migration
+//! ([`migration`]) and the destination side ([`destination`]).
 
 pub mod archive;
+pub mod control;
+pub mod daemon;
+pub mod destination;
 pub mod image;
 pub mod inspect;
 pub mod lab;
+pub mod migration;
 pub mod runtime;

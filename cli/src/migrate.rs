@@ -1,0 +1,366 @@
+//! `migrate CONTAINER --from NODE --to NODE`: asks the source node's daemon to migrate a
+//! container and shows its progress (phases, a transfer bar) or, with `--json`, prints every
+//! event as one JSON object per line, the last one the summary.
+//!
+//! Nodes are found in the lab's state when a lab is up (its daemons, addresses and the
+//! operator certificate it made), or given with `--node NAME=ADDR` and `--certs`. Lab daemons
+//! live in the lab's network namespaces, so in the lab the command re-runs itself inside the
+//! source node's namespace (`ip netns exec`) before it connects.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use engine::control::{self, Event, MigrateRequest, Phase, Request};
+use engine::lab::{self, LabOptions};
+use transport::quic;
+use transport::tls::{NodeIdentity, SERVER_NAME};
+
+use crate::output::{bytes, Output};
+
+/// Set in the environment of the command re-run inside a lab namespace.
+const IN_NETNS_ENV: &str = "MIGRATE_IN_NETNS";
+
+/// Migrate a running container to another node.
+#[derive(Debug, Parser)]
+#[command(name = "migrate", no_binary_name = true)]
+#[command(after_help = "Examples:
+  migrate web --from node1 --to node2                  # in the lab (`migrate lab up`)
+  migrate web --from node1 --to node2 --json
+  migrate web --from a --to b --node a=10.0.0.1:7400 --node b=10.0.0.2:7400 --certs certs/operator")]
+pub struct MigrateArgs {
+    /// The container (name or ID) on the source node.
+    container: String,
+    /// The source node.
+    #[arg(long)]
+    from: String,
+    /// The destination node.
+    #[arg(long)]
+    to: String,
+    /// Pre-copy rounds before the final checkpoint (the container keeps running during them);
+    /// 0 turns pre-copy off.
+    #[arg(long, default_value_t = 1)]
+    precopy: u32,
+    /// A node's daemon address, NAME=ADDR:PORT (repeatable); without it, the lab's nodes.
+    #[arg(long = "node", value_parser = parse_node)]
+    nodes: Vec<(String, SocketAddr)>,
+    /// Certificate folder of this client (from `migrate certs init`); the lab's operator
+    /// certificate by default.
+    #[arg(long)]
+    certs: Option<PathBuf>,
+    /// One JSON object per line: every event, then the summary.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_node(s: &str) -> Result<(String, SocketAddr), String> {
+    let (name, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=ADDR:PORT"))?;
+    let addr = addr
+        .parse()
+        .map_err(|e| format!("{addr:?}: not an ADDR:PORT ({e})"))?;
+    Ok((name.to_string(), addr))
+}
+
+/// Where the command connects from and to.
+struct Plan {
+    from_addr: SocketAddr,
+    to_addr: SocketAddr,
+    certs: PathBuf,
+    /// The lab namespace to run in, when not already there.
+    netns: Option<String>,
+}
+
+fn plan(args: &MigrateArgs) -> anyhow::Result<Plan> {
+    if !args.nodes.is_empty() {
+        let find = |name: &str| {
+            args.nodes
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, a)| *a)
+                .with_context(|| format!("node {name:?} is not among the --node options"))
+        };
+        let certs = args
+            .certs
+            .clone()
+            .context("--certs is needed with --node (this client's certificate folder)")?;
+        return Ok(Plan {
+            from_addr: find(&args.from)?,
+            to_addr: find(&args.to)?,
+            certs,
+            netns: None,
+        });
+    }
+    let opts = LabOptions::from_env();
+    let state = lab::read_state(&opts)?.with_context(|| {
+        format!(
+            "no lab is up ({} not found): run `migrate lab up`, or name the nodes with \
+             --node NAME=ADDR:PORT and --certs",
+            opts.state_file().display()
+        )
+    })?;
+    let node = |name: &str| {
+        state
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .with_context(|| {
+                format!(
+                    "the lab has no node {name:?} (it has {})",
+                    state
+                        .nodes
+                        .iter()
+                        .map(|n| n.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
+    };
+    let (from, to) = (node(&args.from)?, node(&args.to)?);
+    if from.name == to.name {
+        bail!("--from and --to are the same node ({})", from.name);
+    }
+    Ok(Plan {
+        from_addr: from.daemon_addr(),
+        to_addr: to.daemon_addr(),
+        certs: args.certs.clone().unwrap_or_else(|| state.operator_certs()),
+        netns: Some(from.netns.clone()),
+    })
+}
+
+/// Runs `migrate CONTAINER ...` from the words after `migrate`.
+pub fn run(words: Vec<OsString>, out: &Output) -> anyhow::Result<ExitCode> {
+    let args = match MigrateArgs::try_parse_from(&words) {
+        Ok(a) => a,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return Ok(ExitCode::from(code));
+        }
+    };
+    if args.from == args.to {
+        bail!("--from and --to are the same node ({})", args.from);
+    }
+    let plan = plan(&args)?;
+    if let Some(ns) = &plan.netns {
+        if std::env::var_os(IN_NETNS_ENV).as_deref() != Some(ns.as_ref()) {
+            // Lab daemons are only reachable inside the lab's network: run there.
+            let exe = std::env::current_exe().context("finding this program")?;
+            let status = std::process::Command::new("ip")
+                .args(["netns", "exec", ns])
+                .arg(exe)
+                .args(std::env::args_os().skip(1))
+                .env(IN_NETNS_ENV, ns)
+                .status()
+                .context("running `ip netns exec` (the lab needs root)")?;
+            return Ok(ExitCode::from(status.code().unwrap_or(1) as u8));
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(drive(args, plan, out))
+}
+
+async fn drive(args: MigrateArgs, plan: Plan, out: &Output) -> anyhow::Result<ExitCode> {
+    let identity = NodeIdentity::load(&plan.certs).with_context(|| {
+        format!(
+            "loading the client certificate from {}",
+            plan.certs.display()
+        )
+    })?;
+    let endpoint = quic::client_endpoint(&identity, Some(&args.from), quic::DEFAULT_IDLE_TIMEOUT)?;
+    let connecting = endpoint.connect(plan.from_addr, SERVER_NAME)?;
+    let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "no answer from the daemon of {} at {} within 10 s: is `migrate daemon` running \
+                 there?",
+                args.from,
+                plan.from_addr
+            )
+        })?
+        .with_context(|| {
+            format!(
+                "connecting to the daemon of {} at {}",
+                args.from, plan.from_addr
+            )
+        })?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let request = Request::Migrate(MigrateRequest {
+        container: args.container.clone(),
+        to: plan.to_addr,
+        to_node: args.to.clone(),
+        precopy: args.precopy,
+    });
+    control::write_message(&mut send, &request, &args.from).await?;
+    let _ = send.finish();
+    let mut view = View::new(out, args.json);
+    loop {
+        let event: Option<Event> = control::read_message(&mut recv, &args.from).await?;
+        let Some(event) = event else {
+            bail!(
+                "the daemon of {} stopped reporting before the migration ended: see its log; \
+                 check with `podman ps` on both nodes where the container is",
+                args.from
+            );
+        };
+        view.show(&event);
+        match event {
+            Event::Done(_) => {
+                conn.close(0u32.into(), b"done");
+                return Ok(ExitCode::SUCCESS);
+            }
+            Event::Failed { .. } => {
+                conn.close(0u32.into(), b"done");
+                return Ok(ExitCode::FAILURE);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Shows events to people (phases on stderr, a progress bar while bytes move, the summary on
+/// stdout) or as JSON lines.
+struct View<'a> {
+    out: &'a Output,
+    json: bool,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl<'a> View<'a> {
+    fn new(out: &'a Output, json: bool) -> Self {
+        Self {
+            out,
+            json,
+            bar: None,
+        }
+    }
+
+    fn show(&mut self, event: &Event) {
+        if self.json {
+            self.out.json(event);
+            // A failure is also said in words, on stderr.
+            if !matches!(event, Event::Failed { .. }) {
+                return;
+            }
+        }
+        match event {
+            Event::Phase {
+                migration_id,
+                phase,
+                round,
+            } => {
+                self.finish_bar();
+                if self.out.quiet {
+                    return;
+                }
+                let what = match (phase, round) {
+                    (Phase::Plan, _) => format!("migration {migration_id}: checking both nodes"),
+                    (Phase::Precopy, Some(r)) => {
+                        format!("pre-copy round {r}: checkpoint (container keeps running), send")
+                    }
+                    (Phase::Checkpoint, _) => "final checkpoint (the container stops)".into(),
+                    (Phase::Transfer, _) => "sending what changed".into(),
+                    (Phase::Assemble, _) => "assembling and importing the image".into(),
+                    (Phase::Restore, _) => "restoring on the destination".into(),
+                    (Phase::Verify, _) => "checking that it runs".into(),
+                    (Phase::Cleanup, _) => "removing the source container and checkpoints".into(),
+                    (Phase::Rollback, _) => "rolling back".into(),
+                    (p, _) => p.to_string(),
+                };
+                eprintln!("[{phase}] {what}");
+            }
+            Event::Progress { done, total, .. } => {
+                if self.out.quiet {
+                    return;
+                }
+                let bar = self.bar.get_or_insert_with(|| {
+                    let bar = indicatif::ProgressBar::new(*total);
+                    bar.set_style(
+                        indicatif::ProgressStyle::with_template(
+                            "  {bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}",
+                        )
+                        .expect("valid template"),
+                    );
+                    bar
+                });
+                bar.set_length(*total);
+                bar.set_position(*done);
+            }
+            Event::Round {
+                round,
+                archive_bytes,
+                wire_bytes,
+                seconds,
+            } => {
+                self.finish_bar();
+                let which = if *round == 0 {
+                    "final round".to_string()
+                } else {
+                    format!("pre-copy round {round}")
+                };
+                if !self.out.quiet {
+                    eprintln!(
+                        "  {which}: {} checkpoint, {} over the wire, {seconds:.1} s",
+                        bytes(*archive_bytes),
+                        bytes(*wire_bytes)
+                    );
+                }
+            }
+            Event::Done(s) => {
+                self.finish_bar();
+                self.out.line(format!(
+                    "migrated {} from {} to {} in {:.1} s (downtime {:.1} s); checkpoint {}, \
+                     {} over the wire in the final round ({} in all)",
+                    s.container,
+                    s.from,
+                    s.to,
+                    s.total_seconds,
+                    s.downtime_seconds,
+                    bytes(s.archive_bytes),
+                    bytes(s.wire_bytes),
+                    bytes(s.wire_bytes_total)
+                ));
+            }
+            Event::Failed {
+                phase,
+                message,
+                rolled_back,
+                destination_clean,
+                ..
+            } => {
+                self.finish_bar();
+                eprintln!("error: the migration failed in phase {phase}: {message}");
+                if !destination_clean {
+                    eprintln!(
+                        "the destination did not confirm its cleanup: its daemon removes what \
+                         the migration left when it restarts, or after 5 minutes"
+                    );
+                }
+                if *rolled_back {
+                    eprintln!("rolled back: the container runs on the source node as before");
+                } else {
+                    eprintln!(
+                        "ROLLBACK INCOMPLETE: check `podman ps -a` on both nodes and the source \
+                         daemon's log; a stopped container's checkpoint is kept in the daemon's \
+                         work folder"
+                    );
+                }
+            }
+        }
+    }
+
+    fn finish_bar(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}

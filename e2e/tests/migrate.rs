@@ -1,0 +1,640 @@
+//! Migrations for real, as a user runs them: a lab with a daemon in each node (real podman,
+//! crun and CRIU; QUIC with mutual TLS between the nodes' network namespaces), and the `migrate`
+//! binary asked to move a container. Root and the lab root are required; without them these
+//! tests fail saying so, they never skip.
+//!
+//! 1. a counter continues on the destination from its checkpointed value and is gone from the
+//!    source; 2. a file written into nginx is served by it on the destination; 3. redis holding
+//!    more than 200 MiB in more than 100k keys has every key and value after the move (a digest
+//!    computed inside redis), and 4. moving it back sends at most 10% of the archive; 5. the
+//!    destination daemon killed mid-transfer, and a destination without room for the image:
+//!    the command fails clearly, the source runs on with its state, the destination holds
+//!    nothing of the migration.
+//!
+//! Each test has its own lab (state directory, namespace prefix), so they run in parallel.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use e2e::wait_for;
+use engine::lab::{self, LabOptions, LabState};
+use serde_json::Value;
+
+/// The `migrate` binary of this build (target/<profile>/migrate, beside target/<profile>/deps).
+fn migrate_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .join("migrate");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`cargo build -p cli`; `cargo test --workspace` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A lab of two nodes, with daemons, torn down on drop.
+struct Lab {
+    opts: LabOptions,
+    state: LabState,
+    a: String,
+    b: String,
+}
+
+impl Lab {
+    fn up(tag: &str) -> Lab {
+        lab::check_ready(&LabOptions::default()).unwrap_or_else(|e| panic!("{tag}: {e}"));
+        let opts = LabOptions {
+            state_dir: PathBuf::from(format!("/tmp/migrate-e2e-mig-{tag}")),
+            prefix: format!("mlmig-{tag}"),
+            daemon_binary: Some(migrate_binary()),
+            ..LabOptions::default()
+        };
+        let _ = lab::down(&opts);
+        let (a, b) = (format!("{tag}1"), format!("{tag}2"));
+        let t = Instant::now();
+        let state = lab::up(&[a.clone(), b.clone()], &opts)
+            .expect("lab up")
+            .state;
+        println!("lab {tag} up: {:.1} s", t.elapsed().as_secs_f64());
+        Lab { opts, state, a, b }
+    }
+
+    /// Runs `cmd` in `node`: (exit code, stdout).
+    fn run(&self, node: &str, cmd: &[&str]) -> (i32, String) {
+        let out = lab::command(node, cmd, &self.opts)
+            .unwrap()
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let shown: String = stdout.chars().take(400).collect();
+        println!("[{node}] $ {}\n{shown}{stderr}", cmd.join(" "));
+        (out.status.code().unwrap_or(-1), stdout)
+    }
+
+    fn ok(&self, node: &str, cmd: &[&str]) -> String {
+        let (code, out) = self.run(node, cmd);
+        assert_eq!(code, 0, "`{}` failed in {node}", cmd.join(" "));
+        out
+    }
+
+    /// `migrate ARGS...` as a user types it, in this lab.
+    fn migrate_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(migrate_binary());
+        c.args(args)
+            .env("MIGRATE_LAB_DIR", &self.opts.state_dir)
+            .env("MIGRATE_LAB_PREFIX", &self.opts.prefix)
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `migrate CONTAINER --from FROM --to TO --json EXTRA...`: (success, events).
+    fn migrate(&self, container: &str, from: &str, to: &str, extra: &[&str]) -> (bool, Vec<Value>) {
+        let mut args = vec![container, "--from", from, "--to", to, "--json"];
+        args.extend_from_slice(extra);
+        let out: Output = self.migrate_command(&args).output().unwrap();
+        let events = parse_events(&String::from_utf8_lossy(&out.stdout));
+        println!(
+            "$ migrate {}\n{}\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), events)
+    }
+
+    fn exists(&self, node: &str, container: &str) -> bool {
+        self.run(node, &["podman", "container", "exists", container])
+            .0
+            == 0
+    }
+
+    /// Images the migrations imported into `node` (`localhost/migrate/...`).
+    fn migration_images(&self, node: &str) -> Vec<String> {
+        self.ok(
+            node,
+            &["podman", "images", "--format", "{{.Repository}}:{{.Tag}}"],
+        )
+        .lines()
+        .filter(|l| l.starts_with("localhost/migrate/"))
+        .map(str::to_string)
+        .collect()
+    }
+
+    /// Files in the daemon's work folder of `node`, seen from the host.
+    fn work_files(&self, node: &str) -> Vec<String> {
+        let n = self.state.nodes.iter().find(|n| n.name == node).unwrap();
+        let work = n.dir.join("containers/migrate/work");
+        walk(&work)
+    }
+
+    fn address(&self, node: &str) -> String {
+        let n = self.state.nodes.iter().find(|n| n.name == node).unwrap();
+        n.address.to_string()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Err(e) = lab::down(&self.opts) {
+            eprintln!("lab down: {e}");
+        }
+    }
+}
+
+fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p.display().to_string());
+            }
+        }
+    }
+    out
+}
+
+fn parse_events(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// The summary: the last event, which must be `done`.
+fn summary(events: &[Value]) -> &Value {
+    let last = events.last().expect("no events");
+    assert_eq!(
+        last["event"], "done",
+        "the last event is not the summary: {last}"
+    );
+    for key in [
+        "archive_bytes",
+        "wire_bytes",
+        "total_seconds",
+        "downtime_seconds",
+    ] {
+        assert!(last[key].is_number(), "summary lacks {key}: {last}");
+    }
+    last
+}
+
+const COUNTER_LOOP: &str =
+    "i=0; while :; do i=$((i+1)); echo $i > /c.tmp; mv /c.tmp /c; sleep 0.05; done";
+
+fn start_counter(lab: &Lab, node: &str) {
+    lab.ok(
+        node,
+        &[
+            "podman",
+            "run",
+            "-d",
+            "--name",
+            "counter",
+            lab::BUSYBOX_IMAGE,
+            "sh",
+            "-c",
+            COUNTER_LOOP,
+        ],
+    );
+}
+
+fn count(lab: &Lab, node: &str) -> Option<u64> {
+    let (code, out) = lab.run(node, &["podman", "exec", "counter", "cat", "/c"]);
+    if code != 0 {
+        return None;
+    }
+    out.trim().parse().ok()
+}
+
+/// Waits until the counter in `node` passes `above`; returns the value seen.
+fn count_above(lab: &Lab, node: &str, above: u64) -> u64 {
+    wait_for(
+        &format!("counter in {node} above {above}"),
+        Duration::from_secs(30),
+        || count(lab, node).filter(|&c| c > above),
+    )
+}
+
+#[test]
+fn counter_continues_on_the_destination() {
+    let lab = Lab::up("c");
+    let (a, b) = (&lab.a, &lab.b);
+    start_counter(&lab, a);
+    let before = count_above(&lab, a, 20);
+    let (ok, events) = lab.migrate("counter", a, b, &[]);
+    assert!(ok, "migration failed");
+    let s = summary(&events);
+    assert_eq!(s["container"], "counter");
+    assert_eq!(s["precopy_rounds"], 1, "pre-copy is on by default");
+    let phases: Vec<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "phase")
+        .map(|e| e["phase"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            "plan",
+            "precopy",
+            "checkpoint",
+            "transfer",
+            "assemble",
+            "restore",
+            "verify",
+            "cleanup"
+        ]
+    );
+    // Continues from where it was: at least the value seen before, never from 1 again.
+    let first = count(&lab, b).expect("the counter runs on the destination");
+    assert!(
+        first >= before,
+        "the counter restarted on {b}: {first} < {before}"
+    );
+    count_above(&lab, b, first);
+    assert!(!lab.exists(a, "counter"), "the counter is still on {a}");
+    assert_eq!(
+        lab.migration_images(b),
+        Vec::<String>::new(),
+        "checkpoint image left on {b}"
+    );
+    wait_for("work folders empty", Duration::from_secs(30), || {
+        (lab.work_files(a).is_empty() && lab.work_files(b).is_empty()).then_some(())
+    });
+}
+
+#[test]
+fn nginx_serves_its_file_from_the_destination() {
+    let lab = Lab::up("n");
+    let (a, b) = (&lab.a, &lab.b);
+    lab.ok(
+        a,
+        &[
+            "podman",
+            "run",
+            "-d",
+            "--name",
+            "web",
+            "--network=host",
+            lab::NGINX_IMAGE,
+        ],
+    );
+    lab.ok(
+        a,
+        &[
+            "podman",
+            "exec",
+            "web",
+            "sh",
+            "-c",
+            "echo written-before-migration > /var/www/html/note.txt",
+        ],
+    );
+    let fetch = |from: &str, host: &str| {
+        lab.run(
+            from,
+            &[
+                "busybox",
+                "wget",
+                "-q",
+                "-T",
+                "2",
+                "-O",
+                "-",
+                &format!("http://{host}/note.txt"),
+            ],
+        )
+    };
+    let addr_a = lab.address(a);
+    wait_for("nginx on the source", Duration::from_secs(20), || {
+        (fetch(b, &addr_a).0 == 0).then_some(())
+    });
+    let (ok, events) = lab.migrate("web", a, b, &[]);
+    assert!(ok, "migration failed");
+    summary(&events);
+    let addr_b = lab.address(b);
+    let (code, page) = fetch(a, &addr_b);
+    assert_eq!(code, 0, "nginx on {b} does not answer {a}");
+    assert_eq!(page.trim(), "written-before-migration");
+    assert_ne!(fetch(b, &addr_a).0, 0, "nginx still answers on {a}");
+}
+
+/// Keys and value size of the redis test: 110k keys of 2 KiB, about 225 MB of values.
+const REDIS_KEYS: u64 = 110_000;
+const REDIS_VALUE: usize = 2048;
+
+/// The key count and redis' own digest of every key and value (`DEBUG DIGEST`, which the lab
+/// image allows from inside the container). It reads the dataset without allocating, so it
+/// does not dirty the memory the migration back is measured on.
+fn redis_digest(lab: &Lab, node: &str) -> (u64, String) {
+    let n = lab
+        .ok(node, &["podman", "exec", "kv", "redis-cli", "DBSIZE"])
+        .trim()
+        .parse()
+        .expect("key count");
+    let h = lab
+        .ok(
+            node,
+            &["podman", "exec", "kv", "redis-cli", "DEBUG", "DIGEST"],
+        )
+        .trim()
+        .to_string();
+    assert_eq!(h.len(), 40, "not a digest: {h:?}");
+    (n, h)
+}
+
+/// Fills redis in `node` with [`REDIS_KEYS`] keys: half random (hex), half text-like.
+fn fill_redis(lab: &Lab, node: &str) {
+    let mut resp = Vec::with_capacity((REDIS_KEYS as usize) * (REDIS_VALUE + 64));
+    let mut rng = fastrand::Rng::with_seed(7);
+    const WORDS: [&str; 8] = [
+        "container ",
+        "migration ",
+        "checkpoint ",
+        "memory ",
+        "page ",
+        "node ",
+        "restore ",
+        "redis ",
+    ];
+    for i in 0..REDIS_KEYS {
+        let key = format!("key:{i:08}");
+        let mut value = String::with_capacity(REDIS_VALUE);
+        if i % 2 == 0 {
+            while value.len() < REDIS_VALUE {
+                value.push_str(&format!("{:016x}", rng.u64(..)));
+            }
+        } else {
+            while value.len() < REDIS_VALUE {
+                value.push_str(WORDS[rng.usize(..WORDS.len())]);
+            }
+        }
+        value.truncate(REDIS_VALUE);
+        resp.extend_from_slice(
+            format!(
+                "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n{value}\r\n",
+                key.len(),
+                value.len()
+            )
+            .as_bytes(),
+        );
+    }
+    let mut child = lab::command(
+        node,
+        &["podman", "exec", "-i", "kv", "redis-cli", "--pipe"],
+        &lab.opts,
+    )
+    .unwrap()
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&resp).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("redis-cli --pipe: {text}");
+    assert!(out.status.success(), "redis-cli --pipe failed");
+    assert!(
+        text.contains("errors: 0"),
+        "redis refused some writes: {text}"
+    );
+}
+
+fn start_redis(lab: &Lab, node: &str) {
+    lab.ok(
+        node,
+        &[
+            "podman",
+            "run",
+            "-d",
+            "--name",
+            "kv",
+            "--network=host",
+            lab::REDIS_IMAGE,
+        ],
+    );
+    wait_for("redis answering", Duration::from_secs(20), || {
+        (lab.run(node, &["podman", "exec", "kv", "redis-cli", "PING"])
+            .1
+            .trim()
+            == "PONG")
+            .then_some(())
+    });
+    fill_redis(lab, node);
+}
+
+#[test]
+fn redis_keeps_every_key_and_comes_back_cheaply() {
+    let lab = Lab::up("r");
+    let (a, b) = (&lab.a, &lab.b);
+    start_redis(&lab, a);
+    let used: u64 = lab
+        .ok(a, &["podman", "exec", "kv", "redis-cli", "INFO", "memory"])
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("used_memory");
+    println!(
+        "redis used_memory: {:.1} MiB",
+        used as f64 / (1 << 20) as f64
+    );
+    assert!(used >= 200 << 20, "redis holds less than 200 MiB");
+    let before = redis_digest(&lab, a);
+    assert_eq!(before.0, REDIS_KEYS);
+
+    let (ok, events) = lab.migrate("kv", a, b, &[]);
+    assert!(ok, "migration failed");
+    let there = summary(&events).clone();
+    assert_eq!(
+        redis_digest(&lab, b),
+        before,
+        "keys or values differ on {b}"
+    );
+    assert!(!lab.exists(a, "kv"));
+
+    // 4. Back to where it came from: that node kept the chunks it sent.
+    let (ok, events) = lab.migrate("kv", b, a, &[]);
+    assert!(ok, "migration back failed");
+    let back = summary(&events);
+    assert_eq!(
+        redis_digest(&lab, a),
+        before,
+        "keys or values differ after coming back"
+    );
+    let archive = back["archive_bytes"].as_u64().unwrap();
+    let wire = back["wire_bytes_total"].as_u64().unwrap();
+    println!(
+        "there: archive {} B, wire {} B; back: archive {archive} B, wire {wire} B ({:.2}%)",
+        there["archive_bytes"],
+        there["wire_bytes_total"],
+        100.0 * wire as f64 / archive as f64
+    );
+    assert!(
+        wire * 10 <= archive,
+        "coming back sent {wire} B of a {archive} B archive (more than 10%)"
+    );
+}
+
+/// Waits for the lab's daemon on `node` to be restartable and restarts it.
+fn restart_daemon(lab: &Lab, node: &str) {
+    lab::start_daemon(node, &lab.opts).expect("restarting the daemon");
+}
+
+#[test]
+fn destination_killed_mid_transfer_rolls_back() {
+    let lab = Lab::up("k");
+    let (a, b) = (&lab.a, &lab.b);
+    start_redis(&lab, a);
+    let before = redis_digest(&lab, a);
+    // Slow the source's link so the transfer lasts long enough to be interrupted.
+    let ns_a = &lab.state.nodes[0].netns;
+    let tc = Command::new("ip")
+        .args([
+            "netns", "exec", ns_a, "tc", "qdisc", "add", "dev", "eth0", "root",
+        ])
+        .args([
+            "tbf", "rate", "200mbit", "burst", "256kb", "latency", "100ms",
+        ])
+        .status()
+        .unwrap();
+    assert!(tc.success(), "tc could not slow the lab link");
+
+    let mut child = lab
+        .migrate_command(&["kv", "--from", a, "--to", b, "--json", "--precopy", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut events = Vec::new();
+    let mut killed = false;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        println!("{line}");
+        let e: Value = serde_json::from_str(&line).unwrap();
+        if !killed
+            && e["event"] == "progress"
+            && e["phase"] == "transfer"
+            && e["done"].as_u64() > Some(0)
+        {
+            lab::kill_daemon(b, &lab.opts).expect("killing the destination daemon");
+            killed = true;
+        }
+        events.push(e);
+    }
+    let out = child.wait_with_output().unwrap();
+    println!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(killed, "the transfer ended before it could be interrupted");
+    assert!(
+        !out.status.success(),
+        "the command succeeded without its destination"
+    );
+    let last = events.last().unwrap();
+    assert_eq!(last["event"], "failed", "{last}");
+    assert_eq!(last["phase"], "transfer", "{last}");
+    assert_eq!(last["rolled_back"], true, "{last}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("error: the migration failed in phase transfer"),
+        "{stderr}"
+    );
+
+    // The source runs, with every key.
+    assert_eq!(redis_digest(&lab, a), before);
+    // The destination has nothing of it, also after its daemon comes back.
+    assert!(!lab.exists(b, "kv"), "a container on {b}");
+    assert_eq!(lab.migration_images(b), Vec::<String>::new());
+    restart_daemon(&lab, b);
+    assert_eq!(lab.work_files(b), Vec::<String>::new(), "files left on {b}");
+    // And the next attempt works.
+    let _ = Command::new("ip")
+        .args([
+            "netns", "exec", ns_a, "tc", "qdisc", "del", "dev", "eth0", "root",
+        ])
+        .status();
+    let (ok, events) = lab.migrate("kv", a, b, &[]);
+    assert!(ok, "the migration after the restart failed");
+    summary(&events);
+    assert_eq!(redis_digest(&lab, b), before);
+}
+
+#[test]
+fn destination_without_room_for_the_image_rolls_back() {
+    let lab = Lab::up("f");
+    let (a, b) = (&lab.a, &lab.b);
+    start_counter(&lab, a);
+    count_above(&lab, a, 10);
+    // How big the checkpoint is: one taken now, the container left running.
+    lab.ok(
+        a,
+        &[
+            "podman",
+            "container",
+            "checkpoint",
+            "--leave-running",
+            "--compress=none",
+            "--export=/tmp/probe.tar",
+            "counter",
+        ],
+    );
+    let size: u64 = lab
+        .ok(a, &["stat", "-c", "%s", "/tmp/probe.tar"])
+        .trim()
+        .parse()
+        .unwrap();
+    lab.ok(a, &["rm", "/tmp/probe.tar"]);
+    // Room for the archive, not for the archive and its image side by side.
+    let room = size + size / 2;
+    let work = lab::DAEMON_STATE.to_string() + "/work";
+    lab.ok(
+        b,
+        &[
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={room},mode=0700"),
+            "tmpfs",
+            &work,
+        ],
+    );
+    let before = count(&lab, a).unwrap();
+    let (ok, events) = lab.migrate("counter", a, b, &["--precopy", "0"]);
+    assert!(!ok, "the migration succeeded on a full disk");
+    let last = events.last().unwrap();
+    assert_eq!(last["event"], "failed", "{last}");
+    assert_eq!(last["rolled_back"], true, "{last}");
+    let message = last["message"].as_str().unwrap();
+    assert!(
+        message.to_lowercase().contains("no space") || message.contains("No space"),
+        "the message does not say the disk is full: {message}"
+    );
+    // The source continues from its state.
+    let after = count_above(&lab, a, before);
+    assert!(after > before);
+    assert!(!lab.exists(b, "counter"));
+    assert_eq!(lab.migration_images(b), Vec::<String>::new());
+    assert_eq!(lab.work_files(b), Vec::<String>::new());
+    let (code, listing) = lab.run(b, &["ls", "-A", &work]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        listing.trim(),
+        "",
+        "files left in the destination's work folder"
+    );
+    lab.ok(b, &["umount", &work]);
+}

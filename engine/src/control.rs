@@ -1,0 +1,383 @@
+//! The control protocol between the `migrate` CLI and node daemons, and between two daemons.
+//!
+//! It rides on the same QUIC endpoint (and mutual TLS) as the chunk transfer. Every request
+//! opens its own bidirectional stream and sends one [`Request`]; the daemon answers on that
+//! stream with one [`Reply`], or, for [`Request::Migrate`], with a sequence of [`Event`]s that
+//! ends with [`Event::Done`] or [`Event::Failed`]. A message is a 4-byte big-endian length and
+//! that many bytes of JSON, at most [`MAX_MESSAGE`]. A connection whose first request is
+//! [`Request::Transfer`] belongs to the chunk transport after the daemon's `Ok` reply.
+
+use std::net::SocketAddr;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// The largest control message, in bytes: requests and events are small.
+pub const MAX_MESSAGE: usize = 1 << 20;
+
+/// The UDP port node daemons listen on by default.
+pub const DEFAULT_PORT: u16 = 7400;
+
+/// Why a control exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The stream failed (connection lost, peer reset it).
+    #[error("control stream with {peer}: {detail}")]
+    Stream {
+        /// The peer.
+        peer: String,
+        /// What quinn said.
+        detail: String,
+    },
+    /// A message could not be decoded, or was too long.
+    #[error("malformed control message from {peer}: {detail}")]
+    Malformed {
+        /// The peer.
+        peer: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The stream ended where a message was expected.
+    #[error("{peer} closed the control stream without answering (see its daemon log)")]
+    Ended {
+        /// The peer.
+        peer: String,
+    },
+}
+
+/// What a client asks a daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    /// CLI → source daemon: migrate a container; answered with events.
+    Migrate(MigrateRequest),
+    /// Source → destination daemon: a migration is coming; check that it can be received.
+    Prepare(PrepareRequest),
+    /// Source → destination daemon: the rest of this connection carries one transfer round.
+    Transfer(TransferHello),
+    /// Source → destination daemon: build the OCI checkpoint image of the final round and
+    /// import it into the node's image store.
+    Assemble(StepRequest),
+    /// Source → destination daemon: restore the container from the imported image.
+    Restore(StepRequest),
+    /// Source → destination daemon: check that the restored container runs.
+    Verify(StepRequest),
+    /// Source → destination daemon: the migration failed; remove everything it made there.
+    Abort {
+        /// The migration.
+        migration_id: String,
+    },
+    /// Source → destination daemon: the migration succeeded; delete its checkpoint files.
+    Finish {
+        /// The migration.
+        migration_id: String,
+    },
+    /// Anyone → daemon: who and what are you (a readiness probe).
+    Status,
+}
+
+/// Migrate `container` from the daemon asked to the daemon at `to`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrateRequest {
+    /// Container name or ID on the source node.
+    pub container: String,
+    /// The destination daemon's address.
+    pub to: SocketAddr,
+    /// The destination's node name; its certificate must carry it.
+    pub to_node: String,
+    /// Pre-copy rounds: checkpoints taken with the container left running, sent ahead of the
+    /// final frozen one. 0 turns pre-copy off.
+    pub precopy: u32,
+}
+
+/// A migration announced to its destination.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrepareRequest {
+    /// The migration.
+    pub migration_id: String,
+    /// The container's name on the source (and, after restore, on the destination).
+    pub container: String,
+}
+
+/// The first message of a transfer connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransferHello {
+    /// The migration (announced with [`Request::Prepare`]).
+    pub migration_id: String,
+    /// Round number: 1..=N for pre-copy rounds, 0 for the final checkpoint.
+    pub round: u32,
+}
+
+/// One step of the destination's work on the final round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRequest {
+    /// The migration.
+    pub migration_id: String,
+    /// The container's name, which it keeps on the destination.
+    pub container: String,
+}
+
+/// A daemon's answer to every request but `Migrate`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    /// Done; `detail` holds request-specific facts.
+    Ok {
+        /// Facts about what was done (timings, names), as JSON.
+        #[serde(default)]
+        detail: serde_json::Value,
+    },
+    /// Refused or failed.
+    Error {
+        /// What failed and what to check.
+        message: String,
+    },
+}
+
+/// The phases of one migration, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Check the container and the destination.
+    Plan,
+    /// Checkpoint with the container left running and send it: warms the destination's store.
+    Precopy,
+    /// The final checkpoint: the container stops here.
+    Checkpoint,
+    /// Send the final checkpoint.
+    Transfer,
+    /// Build the OCI checkpoint image on the destination and import it.
+    Assemble,
+    /// Restore the container on the destination.
+    Restore,
+    /// Check that the restored container runs.
+    Verify,
+    /// Remove the source container and the checkpoint files.
+    Cleanup,
+    /// Undo after a failure: the source runs again, the destination holds nothing of it.
+    Rollback,
+}
+
+impl Phase {
+    /// The name used in logs and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Plan => "plan",
+            Phase::Precopy => "precopy",
+            Phase::Checkpoint => "checkpoint",
+            Phase::Transfer => "transfer",
+            Phase::Assemble => "assemble",
+            Phase::Restore => "restore",
+            Phase::Verify => "verify",
+            Phase::Cleanup => "cleanup",
+            Phase::Rollback => "rollback",
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a migration reports while it runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A phase began. `round` numbers pre-copy rounds.
+    Phase {
+        /// The migration.
+        migration_id: String,
+        /// The phase.
+        phase: Phase,
+        /// The pre-copy round, for [`Phase::Precopy`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        round: Option<u32>,
+    },
+    /// Bytes of a transfer done so far.
+    Progress {
+        /// The phase (precopy or transfer).
+        phase: Phase,
+        /// Bytes of the archive chunked and offered so far.
+        done: u64,
+        /// The archive's size.
+        total: u64,
+    },
+    /// One transfer round finished.
+    Round {
+        /// Round number (0 = final).
+        round: u32,
+        /// The archive's size.
+        archive_bytes: u64,
+        /// Bytes that went over the wire.
+        wire_bytes: u64,
+        /// Seconds the round took (checkpoint and transfer).
+        seconds: f64,
+    },
+    /// The migration succeeded.
+    Done(Summary),
+    /// The migration failed; `rolled_back` says whether the source runs again.
+    Failed {
+        /// The migration.
+        migration_id: String,
+        /// The phase that failed.
+        phase: Phase,
+        /// What failed and what to check.
+        message: String,
+        /// Whether the source container runs again, as before the migration.
+        rolled_back: bool,
+        /// Whether the destination confirmed that it removed everything of the migration.
+        /// When not (its daemon is unreachable), it does so when it restarts, or after
+        /// [`crate::destination::IDLE_LIMIT`].
+        destination_clean: bool,
+    },
+}
+
+/// The outcome of a migration, as `migrate CONTAINER --json` prints it last.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// The migration.
+    pub migration_id: String,
+    /// The container.
+    pub container: String,
+    /// The source node.
+    pub from: String,
+    /// The destination node.
+    pub to: String,
+    /// Size of the final checkpoint archive.
+    pub archive_bytes: u64,
+    /// Bytes over the wire for the final round.
+    pub wire_bytes: u64,
+    /// Bytes over the wire for all rounds, pre-copy included.
+    pub wire_bytes_total: u64,
+    /// Pre-copy rounds run.
+    pub precopy_rounds: u32,
+    /// From the request to the container running on the destination.
+    pub total_seconds: f64,
+    /// From the final checkpoint's start (the container freezes) to the container running on
+    /// the destination.
+    pub downtime_seconds: f64,
+    /// Seconds per phase, in order.
+    pub phases: Vec<(Phase, f64)>,
+}
+
+/// Writes one message.
+pub async fn write_message<T: Serialize>(
+    send: &mut quinn::SendStream,
+    message: &T,
+    peer: &str,
+) -> Result<(), ControlError> {
+    let body = serde_json::to_vec(message).expect("control messages serialize");
+    debug_assert!(body.len() <= MAX_MESSAGE);
+    let mut buf = Vec::with_capacity(4 + body.len());
+    buf.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    buf.extend_from_slice(&body);
+    send.write_all(&buf)
+        .await
+        .map_err(|e| ControlError::Stream {
+            peer: peer.to_string(),
+            detail: e.to_string(),
+        })
+}
+
+/// Reads one message; `None` when the stream ended cleanly before one began.
+pub async fn read_message<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    peer: &str,
+) -> Result<Option<T>, ControlError> {
+    let mut len = [0u8; 4];
+    match recv.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => {
+            return Err(ControlError::Stream {
+                peer: peer.to_string(),
+                detail: e.to_string(),
+            })
+        }
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_MESSAGE {
+        return Err(ControlError::Malformed {
+            peer: peer.to_string(),
+            detail: format!("message of {len} bytes (at most {MAX_MESSAGE})"),
+        });
+    }
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| ControlError::Stream {
+            peer: peer.to_string(),
+            detail: e.to_string(),
+        })?;
+    decode(&body, peer).map(Some)
+}
+
+/// Decodes one message body.
+pub fn decode<T: DeserializeOwned>(body: &[u8], peer: &str) -> Result<T, ControlError> {
+    serde_json::from_slice(body).map_err(|e| ControlError::Malformed {
+        peer: peer.to_string(),
+        detail: e.to_string(),
+    })
+}
+
+/// Reads a message that must be there.
+pub async fn expect_message<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    peer: &str,
+) -> Result<T, ControlError> {
+    read_message(recv, peer)
+        .await?
+        .ok_or_else(|| ControlError::Ended {
+            peer: peer.to_string(),
+        })
+}
+
+/// Sends `request` on a new stream of `conn` and reads the one [`Reply`].
+pub async fn call(conn: &quinn::Connection, request: &Request) -> Result<Reply, ControlError> {
+    let peer = transport::tls::peer_name(conn).unwrap_or_else(|| conn.remote_address().to_string());
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| ControlError::Stream {
+        peer: peer.clone(),
+        detail: e.to_string(),
+    })?;
+    write_message(&mut send, request, &peer).await?;
+    let _ = send.finish();
+    expect_message(&mut recv, &peer).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_as_tagged_json() {
+        let r = Request::Migrate(MigrateRequest {
+            container: "web".into(),
+            to: "10.0.0.2:7400".parse().unwrap(),
+            to_node: "node2".into(),
+            precopy: 1,
+        });
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.contains(r#""request":"migrate""#), "{json}");
+        assert_eq!(decode::<Request>(json.as_bytes(), "t").unwrap(), r);
+        let e = Event::Phase {
+            migration_id: "m".into(),
+            phase: Phase::Checkpoint,
+            round: None,
+        };
+        let json = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            json,
+            r#"{"event":"phase","migration_id":"m","phase":"checkpoint"}"#
+        );
+    }
+
+    #[test]
+    fn garbage_is_a_clear_error() {
+        let err = decode::<Request>(b"{\"request\":\"explode\"}", "peer").unwrap_err();
+        assert!(err
+            .to_string()
+            .contains("malformed control message from peer"));
+    }
+}

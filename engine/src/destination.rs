@@ -1,0 +1,424 @@
+//! The destination side of migrations: what a daemon holds for each migration coming in, and
+//! the steps the source drives it through (prepare, receive rounds, assemble, restore, verify,
+//! then finish or abort).
+//!
+//! Everything a migration makes here is recorded in its [`Incoming`] entry (work folder, the
+//! image it imported, the container it restored), so `abort` can remove exactly that, and
+//! nothing else, whatever step failed. An entry that sees no request for [`IDLE_LIMIT`] is
+//! aborted by [`Destinations::reap`]: a source that vanished leaves nothing behind.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+use transport::quic::{self, ReceiveOptions, ReceiveReport, TransferError};
+
+use crate::control::{PrepareRequest, Reply, StepRequest, TransferHello};
+use crate::daemon::Node;
+use crate::image::{self, ImageOptions};
+use crate::runtime::RuntimeError;
+
+/// An incoming migration with no request for this long is aborted.
+pub const IDLE_LIMIT: Duration = Duration::from_secs(300);
+
+/// The incoming migrations of one daemon.
+#[derive(Debug, Default)]
+pub struct Destinations {
+    inner: Mutex<HashMap<String, Incoming>>,
+}
+
+/// One incoming migration.
+#[derive(Debug)]
+struct Incoming {
+    container: String,
+    dir: PathBuf,
+    rounds: HashMap<u32, Round>,
+    /// The checkpoint image imported into the node's store.
+    image: Option<String>,
+    /// The container restored from it (its ID).
+    restored: Option<String>,
+    touched: Instant,
+}
+
+/// One transfer round being received.
+#[derive(Debug)]
+struct Round {
+    /// Connections of this round (a resumed transfer brings a new one).
+    conns: mpsc::Sender<quinn::Connection>,
+    task: Option<JoinHandle<Result<ReceiveReport, TransferError>>>,
+    out: PathBuf,
+}
+
+fn ok(detail: serde_json::Value) -> Reply {
+    Reply::Ok { detail }
+}
+
+fn error(message: impl Into<String>) -> Reply {
+    Reply::Error {
+        message: message.into(),
+    }
+}
+
+/// A migration ID as a path component and image tag: `[a-z0-9-]`, 1..=100 bytes, no leading `-`.
+pub fn valid_migration_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 100
+        && !id.starts_with('-')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// The tag the checkpoint image of a migration is imported under.
+pub fn image_reference(container: &str, migration_id: &str) -> String {
+    let name: String = container
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | '0'..='9' | '-' | '_' | '.' => c,
+            'A'..='Z' => c.to_ascii_lowercase(),
+            _ => '-',
+        })
+        .take(60)
+        .collect();
+    let name = name.trim_matches(|c| c == '-' || c == '_' || c == '.');
+    let name = if name.is_empty() { "container" } else { name };
+    format!("localhost/migrate/{name}:{migration_id}")
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("blocking runtime call does not panic")
+}
+
+impl Destinations {
+    fn touch<R>(&self, id: &str, f: impl FnOnce(&mut Incoming) -> R) -> Option<R> {
+        let mut map = self.inner.lock().expect("destinations lock");
+        map.get_mut(id).map(|inc| {
+            inc.touched = Instant::now();
+            f(inc)
+        })
+    }
+
+    /// Registers a migration after checking that it can be received.
+    pub async fn prepare(&self, node: &Arc<Node>, req: PrepareRequest) -> Reply {
+        // Chunks this node just sent away may be what this migration brings back.
+        drop(node.ingesting.lock().await);
+        if !valid_migration_id(&req.migration_id) {
+            return error(format!("invalid migration id {:?}", req.migration_id));
+        }
+        if self
+            .inner
+            .lock()
+            .expect("destinations lock")
+            .contains_key(&req.migration_id)
+        {
+            return error(format!("migration {} is already here", req.migration_id));
+        }
+        let runtime = node.runtime.clone();
+        let name = req.container.clone();
+        match blocking(move || runtime.is_running(&name)).await {
+            Err(RuntimeError::NoSuchContainer { .. }) => {}
+            Ok(_) => {
+                return error(format!(
+                    "a container named {:?} already exists on {}: remove it there first \
+                     (`podman rm {}`), or it would clash with the restored one",
+                    req.container, node.name, req.container
+                ))
+            }
+            Err(e) => {
+                return error(format!(
+                    "the container engine on {} does not answer: {e}",
+                    node.name
+                ))
+            }
+        }
+        let dir = match node.work_dir(&req.migration_id) {
+            Ok(d) => d,
+            Err(e) => return error(format!("creating the work folder on {}: {e}", node.name)),
+        };
+        info!(migration_id = %req.migration_id, container = %req.container, "incoming migration");
+        self.inner.lock().expect("destinations lock").insert(
+            req.migration_id,
+            Incoming {
+                container: req.container,
+                dir,
+                rounds: HashMap::new(),
+                image: None,
+                restored: None,
+                touched: Instant::now(),
+            },
+        );
+        ok(serde_json::json!({ "node": node.name }))
+    }
+
+    /// Hands a transfer connection to the receiver of its round, starting it on first contact.
+    pub fn route_transfer(
+        &self,
+        node: &Arc<Node>,
+        hello: &TransferHello,
+        conn: quinn::Connection,
+    ) -> Reply {
+        let store = node.store.clone();
+        let options = ReceiveOptions {
+            resume_timeout: node.config.resume_timeout,
+            ..ReceiveOptions::default()
+        };
+        let routed = self.touch(&hello.migration_id, |inc| {
+            let round = hello.round;
+            let entry = inc.rounds.entry(round).or_insert_with(|| {
+                let out = inc.dir.join(if round == 0 {
+                    "checkpoint.tar".to_string()
+                } else {
+                    format!("precopy-{round}.tar")
+                });
+                let (tx, mut rx) = mpsc::channel(4);
+                let task_out = out.clone();
+                let task = tokio::spawn(async move {
+                    let report = quic::receive_file_from(&mut rx, store, &task_out, &options).await;
+                    // A pre-copy round only warms the store: its file is not needed.
+                    if round != 0 {
+                        let _ = std::fs::remove_file(&task_out);
+                    }
+                    report
+                });
+                Round {
+                    conns: tx,
+                    task: Some(task),
+                    out,
+                }
+            });
+            entry.conns.try_send(conn).is_ok()
+        });
+        match routed {
+            None => error(format!(
+                "no migration {} on {}: it was never prepared, was aborted, or the daemon \
+                 restarted",
+                hello.migration_id, node.name
+            )),
+            Some(false) => error(format!(
+                "round {} of migration {} is finished or not accepting connections",
+                hello.round, hello.migration_id
+            )),
+            Some(true) => ok(serde_json::Value::Null),
+        }
+    }
+
+    /// Waits for the final round, builds its OCI checkpoint image and imports it.
+    pub async fn assemble(&self, node: &Arc<Node>, req: StepRequest) -> Reply {
+        let Some(task) = self.touch(&req.migration_id, |inc| {
+            inc.rounds
+                .get_mut(&0)
+                .map(|r| (r.task.take(), r.out.clone()))
+        }) else {
+            return error(format!(
+                "no migration {} on {}",
+                req.migration_id, node.name
+            ));
+        };
+        let Some((Some(task), archive)) = task else {
+            return error("the final checkpoint was never sent, or assembled already");
+        };
+        let report = match task.await {
+            Ok(Ok(report)) => report,
+            Ok(Err(e)) => return error(format!("receiving the final checkpoint failed: {e}")),
+            Err(e) => return error(format!("the receiving task ended: {e}")),
+        };
+        let started = Instant::now();
+        let dir = archive.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let reference = image_reference(&req.container, &req.migration_id);
+        let runtime = node.runtime.clone();
+        let (r, a) = (reference.clone(), archive.clone());
+        let result = blocking(move || -> Result<String, String> {
+            let oci = dir.join("image.tar");
+            let built = image::write_oci_archive(&a, &oci, &ImageOptions::new(r));
+            // The archive's bytes are in the image (or the image failed): drop the copy now,
+            // the node may not have room for both.
+            let _ = std::fs::remove_file(&a);
+            built.map_err(|e| format!("building the checkpoint image: {e}"))?;
+            let loaded = runtime.import_image(&oci);
+            let _ = std::fs::remove_file(&oci);
+            loaded.map_err(|e| format!("importing the checkpoint image: {e}"))
+        })
+        .await;
+        match result {
+            Ok(loaded) => {
+                self.touch(&req.migration_id, |inc| inc.image = Some(loaded.clone()));
+                info!(migration_id = %req.migration_id, image = %loaded, "checkpoint image imported");
+                ok(serde_json::json!({
+                    "image": loaded,
+                    "archive_bytes": report.bytes_written,
+                    "wire_bytes": report.wire_bytes,
+                    "seconds": started.elapsed().as_secs_f64(),
+                }))
+            }
+            Err(message) => {
+                // A failed import may still have left the image: remove it.
+                let runtime = node.runtime.clone();
+                let _ = blocking(move || runtime.remove_image(&reference)).await;
+                error(format!("{message} (on {})", node.name))
+            }
+        }
+    }
+
+    /// Restores the container from the imported image.
+    pub async fn restore(&self, node: &Arc<Node>, req: StepRequest) -> Reply {
+        let Some(Some(image)) = self.touch(&req.migration_id, |inc| inc.image.clone()) else {
+            return error(format!(
+                "migration {} has no imported image on {}",
+                req.migration_id, node.name
+            ));
+        };
+        let runtime = node.runtime.clone();
+        let name = req.container.clone();
+        match blocking(move || runtime.restore(&image, Some(&name))).await {
+            Ok(id) => {
+                self.touch(&req.migration_id, |inc| inc.restored = Some(id.clone()));
+                ok(serde_json::json!({ "container_id": id }))
+            }
+            Err(e) => {
+                // A failed restore can leave a created, stopped container under the name.
+                let runtime = node.runtime.clone();
+                let name = req.container.clone();
+                let _ = blocking(move || runtime.remove_container(&name)).await;
+                error(format!("restoring on {}: {e}", node.name))
+            }
+        }
+    }
+
+    /// Checks that the restored container runs.
+    pub async fn verify(&self, node: &Arc<Node>, req: StepRequest) -> Reply {
+        let Some(Some(id)) = self.touch(&req.migration_id, |inc| inc.restored.clone()) else {
+            return error(format!(
+                "migration {} restored nothing on {}",
+                req.migration_id, node.name
+            ));
+        };
+        let runtime = node.runtime.clone();
+        let probe = id.clone();
+        match blocking(move || runtime.is_running(&probe)).await {
+            Ok(true) => ok(serde_json::json!({ "container_id": id })),
+            Ok(false) => error(format!(
+                "the restored container {id} on {} is not running (`podman logs {id}` there)",
+                node.name
+            )),
+            Err(e) => error(format!("checking the restored container: {e}")),
+        }
+    }
+
+    /// Removes everything the migration made here; unknown migrations are already clean.
+    pub async fn abort(&self, node: &Arc<Node>, migration_id: &str) -> Reply {
+        let Some(inc) = self
+            .inner
+            .lock()
+            .expect("destinations lock")
+            .remove(migration_id)
+        else {
+            return ok(serde_json::Value::Null);
+        };
+        warn!(%migration_id, "aborting incoming migration");
+        let mut problems = Vec::new();
+        for round in inc.rounds.values() {
+            if let Some(task) = &round.task {
+                task.abort();
+            }
+        }
+        let runtime = node.runtime.clone();
+        let (restored, image) = (inc.restored.clone(), inc.image.clone());
+        let removed = blocking(move || -> Vec<String> {
+            let mut problems = Vec::new();
+            if let Some(id) = restored {
+                if let Err(e) = runtime.remove_container(&id) {
+                    problems.push(format!("removing the restored container: {e}"));
+                }
+            }
+            if let Some(image) = image {
+                if let Err(e) = runtime.remove_image(&image) {
+                    problems.push(format!("removing the checkpoint image: {e}"));
+                }
+            }
+            problems
+        })
+        .await;
+        problems.extend(removed);
+        if let Err(e) = remove_dir(&inc.dir) {
+            problems.push(format!("removing {}: {e}", inc.dir.display()));
+        }
+        if problems.is_empty() {
+            ok(serde_json::Value::Null)
+        } else {
+            error(problems.join("; "))
+        }
+    }
+
+    /// The migration succeeded: delete its files and the checkpoint image (the restored
+    /// container does not need it), keep the container.
+    pub async fn finish(&self, node: &Arc<Node>, migration_id: &str) -> Reply {
+        let Some(inc) = self
+            .inner
+            .lock()
+            .expect("destinations lock")
+            .remove(migration_id)
+        else {
+            return error(format!("no migration {migration_id} on {}", node.name));
+        };
+        if let Some(image) = inc.image.clone() {
+            let runtime = node.runtime.clone();
+            if let Err(e) = blocking(move || runtime.remove_image(&image)).await {
+                warn!(%migration_id, error = %e, "the checkpoint image stays");
+            }
+        }
+        let _ = remove_dir(&inc.dir);
+        info!(%migration_id, container = %inc.container, "incoming migration finished");
+        ok(serde_json::Value::Null)
+    }
+
+    /// Aborts the migrations idle for longer than [`IDLE_LIMIT`].
+    pub async fn reap(&self, node: &Arc<Node>) {
+        let stale: Vec<String> = self
+            .inner
+            .lock()
+            .expect("destinations lock")
+            .iter()
+            .filter(|(_, inc)| inc.touched.elapsed() > IDLE_LIMIT)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in stale {
+            warn!(migration_id = %id, "incoming migration idle too long; its source is gone");
+            let _ = self.abort(node, &id).await;
+        }
+    }
+}
+
+fn remove_dir(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migration_ids_are_safe_path_components() {
+        assert!(valid_migration_id("web-1a2b3c4d"));
+        for bad in ["", "../x", "a/b", "-x", "A", "a b", &"a".repeat(101)] {
+            assert!(!valid_migration_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn image_references_are_lowercase_and_tagged() {
+        assert_eq!(
+            image_reference("My_Web!", "web-1"),
+            "localhost/migrate/my_web:web-1"
+        );
+        assert_eq!(image_reference("!!!", "x"), "localhost/migrate/container:x");
+    }
+}

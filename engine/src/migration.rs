@@ -1,0 +1,527 @@
+//! The source side of one migration: the state machine the source daemon runs for a `Migrate`
+//! request, phase by phase (plan, pre-copy rounds, checkpoint, transfer, assemble, restore,
+//! verify, cleanup), reporting [`Event`]s as it goes.
+//!
+//! Any failure rolls back: the destination is told to abort (it removes whatever this
+//! migration made there), and the source container, if the final checkpoint had stopped it, is
+//! restored in place from its own archive. The source container is removed only after the
+//! destination confirmed that its copy runs. Logs carry the `migration_id` span set by the
+//! daemon.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+use transport::quic::{self, DialError, Dialer, SendOptions, SendReport, TransferError};
+use transport::tls::SERVER_NAME;
+
+use crate::control::{
+    self, Event, MigrateRequest, Phase, PrepareRequest, Reply, Request, StepRequest, Summary,
+    TransferHello,
+};
+use crate::daemon::Node;
+use crate::runtime::RuntimeError;
+
+/// How long to wait for the destination daemon's QUIC handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often transfer progress is reported.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// A fresh migration ID: the container's name (sanitized) and 32 random bits.
+pub fn new_id(container: &str) -> String {
+    let name: String = container
+        .chars()
+        .filter_map(|c| match c {
+            'a'..='z' | '0'..='9' => Some(c),
+            'A'..='Z' => Some(c.to_ascii_lowercase()),
+            '-' | '_' | '.' => Some('-'),
+            _ => None,
+        })
+        .take(40)
+        .collect();
+    let name = name.trim_matches('-');
+    let name = if name.is_empty() { "container" } else { name };
+    format!("{name}-{:08x}", fastrand::u32(..))
+}
+
+/// A failure: the phase and what to tell the user.
+struct Failure {
+    phase: Phase,
+    message: String,
+}
+
+/// Runs one migration to its end (success or rollback), sending events to `events`.
+pub async fn run(node: Arc<Node>, id: String, req: MigrateRequest, events: mpsc::Sender<Event>) {
+    let mut m = Migration {
+        node,
+        id,
+        req,
+        events,
+        started: Instant::now(),
+        phases: Vec::new(),
+        phase: Phase::Plan,
+        phase_started: Instant::now(),
+        dest: None,
+        stopped: false,
+        archive: None,
+        wire_total: 0,
+        keep_dir: false,
+    };
+    info!(container = %m.req.container, to = %m.req.to_node, precopy = m.req.precopy, "migration started");
+    match m.forward().await {
+        Ok(summary) => {
+            info!(
+                total = summary.total_seconds,
+                downtime = summary.downtime_seconds,
+                "migration done"
+            );
+            m.emit(Event::Done(summary)).await;
+        }
+        Err(f) => {
+            warn!(phase = %f.phase, error = %f.message, "migration failed; rolling back");
+            let (rolled_back, destination_clean) = m.rollback().await;
+            m.emit(Event::Failed {
+                migration_id: m.id.clone(),
+                phase: f.phase,
+                message: f.message,
+                rolled_back,
+                destination_clean,
+            })
+            .await;
+        }
+    }
+    m.remove_work_dir();
+}
+
+struct Migration {
+    node: Arc<Node>,
+    id: String,
+    req: MigrateRequest,
+    events: mpsc::Sender<Event>,
+    started: Instant,
+    phases: Vec<(Phase, f64)>,
+    phase: Phase,
+    phase_started: Instant,
+    /// The control connection to the destination daemon, once made.
+    dest: Option<quinn::Connection>,
+    /// Whether the final checkpoint stopped the source container.
+    stopped: bool,
+    /// The final checkpoint archive.
+    archive: Option<PathBuf>,
+    wire_total: u64,
+    /// The work folder must stay: a background task still reads it, or it holds the only
+    /// copy of a container that could not be restored.
+    keep_dir: bool,
+}
+
+impl Migration {
+    async fn emit(&self, event: Event) {
+        let _ = self.events.send(event).await;
+    }
+
+    async fn enter(&mut self, phase: Phase, round: Option<u32>) {
+        self.close_phase();
+        self.phase = phase;
+        self.phase_started = Instant::now();
+        info!(%phase, ?round, "phase");
+        self.emit(Event::Phase {
+            migration_id: self.id.clone(),
+            phase,
+            round,
+        })
+        .await;
+    }
+
+    fn close_phase(&mut self) {
+        let secs = self.phase_started.elapsed().as_secs_f64();
+        match self.phases.last_mut() {
+            Some((p, s)) if *p == self.phase => *s += secs,
+            _ => self.phases.push((self.phase, secs)),
+        }
+        self.phase_started = Instant::now();
+    }
+
+    fn fail(&self, message: impl Into<String>) -> Failure {
+        Failure {
+            phase: self.phase,
+            message: message.into(),
+        }
+    }
+
+    fn dir(&self) -> Result<PathBuf, Failure> {
+        self.node.work_dir(&self.id).map_err(|e| {
+            self.fail(format!(
+                "creating the work folder on {}: {e}",
+                self.node.name
+            ))
+        })
+    }
+
+    async fn forward(&mut self) -> Result<Summary, Failure> {
+        let container = self.req.container.clone();
+        // Plan: the container runs here, the destination answers and can take it.
+        self.enter(Phase::Plan, None).await;
+        let runtime = self.node.runtime.clone();
+        let c = container.clone();
+        match blocking(move || runtime.is_running(&c)).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(self.fail(format!(
+                    "container {container:?} exists on {} but is not running: only a running \
+                     container can be migrated",
+                    self.node.name
+                )))
+            }
+            Err(e @ RuntimeError::NoSuchContainer { .. }) => {
+                return Err(self.fail(format!("on {}: {e}", self.node.name)))
+            }
+            Err(e) => return Err(self.fail(format!("asking the container engine: {e}"))),
+        }
+        let conn = self.connect().await?;
+        self.dest = Some(conn.clone());
+        self.call(Request::Prepare(PrepareRequest {
+            migration_id: self.id.clone(),
+            container: container.clone(),
+        }))
+        .await?;
+        let dir = self.dir()?;
+
+        // Pre-copy rounds: the container keeps running; the destination's store warms up.
+        for round in 1..=self.req.precopy {
+            self.enter(Phase::Precopy, Some(round)).await;
+            let started = Instant::now();
+            let path = dir.join(format!("precopy-{round}.tar"));
+            self.checkpoint(&path, true).await?;
+            let sent = self.send(round, &path).await;
+            let _ = std::fs::remove_file(&path);
+            let report = sent?;
+            self.round_done(round, &report, started).await;
+        }
+
+        // The final checkpoint: the container freezes and stops here.
+        self.enter(Phase::Checkpoint, None).await;
+        let downtime_started = Instant::now();
+        let path = dir.join("checkpoint.tar");
+        self.checkpoint(&path, false).await?;
+        self.stopped = true;
+        self.archive = Some(path.clone());
+
+        self.enter(Phase::Transfer, None).await;
+        let started = Instant::now();
+        let report = self.send(0, &path).await?;
+        self.round_done(0, &report, started).await;
+
+        let step = StepRequest {
+            migration_id: self.id.clone(),
+            container: container.clone(),
+        };
+        self.enter(Phase::Assemble, None).await;
+        self.call(Request::Assemble(step.clone())).await?;
+        self.enter(Phase::Restore, None).await;
+        self.call(Request::Restore(step.clone())).await?;
+        self.enter(Phase::Verify, None).await;
+        self.call(Request::Verify(step)).await?;
+        let downtime = downtime_started.elapsed().as_secs_f64();
+
+        // Cleanup: the copy runs on the destination; only now does the source let go.
+        self.enter(Phase::Cleanup, None).await;
+        if let Err(f) = self
+            .call(Request::Finish {
+                migration_id: self.id.clone(),
+            })
+            .await
+        {
+            warn!(error = %f.message, "the destination could not clean up its checkpoint files");
+        }
+        let runtime = self.node.runtime.clone();
+        let c = container.clone();
+        if let Err(e) = blocking(move || runtime.remove_container(&c)).await {
+            warn!(error = %e, "removing the stopped source container failed; remove it by hand");
+        }
+        self.stopped = false;
+        // Taken here, before the summary goes out: a migration coming straight back waits
+        // for these chunks (see `Node::ingesting`).
+        let held = self.node.ingesting.clone().lock_owned().await;
+        self.keep_chunks(&path, held);
+        self.close_phase();
+        Ok(Summary {
+            migration_id: self.id.clone(),
+            container,
+            from: self.node.name.clone(),
+            to: self.req.to_node.clone(),
+            archive_bytes: report.input_bytes,
+            wire_bytes: report.wire_bytes,
+            wire_bytes_total: self.wire_total,
+            precopy_rounds: self.req.precopy,
+            total_seconds: self.started.elapsed().as_secs_f64(),
+            downtime_seconds: downtime,
+            phases: self.phases.clone(),
+        })
+    }
+
+    /// Opens the control connection to the destination daemon.
+    async fn connect(&self) -> Result<quinn::Connection, Failure> {
+        let to = self.req.to;
+        let config = self
+            .node
+            .client_config(&self.req.to_node)
+            .map_err(|e| self.fail(e.to_string()))?;
+        let connecting = self
+            .node
+            .endpoint
+            .connect_with(config, to, SERVER_NAME)
+            .map_err(|e| self.fail(format!("connecting to {to}: {e}")))?;
+        match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(self.fail(format!(
+                "connecting to the daemon of {} at {to}: {e} (is `migrate daemon` running there, \
+                 with a certificate named {} from the same CA?)",
+                self.req.to_node, self.req.to_node
+            ))),
+            Err(_) => Err(self.fail(format!(
+                "no answer from the daemon of {} at {to} within {CONNECT_TIMEOUT:?}: is it \
+                 running, and is UDP port {} reachable from {}?",
+                self.req.to_node,
+                to.port(),
+                self.node.name
+            ))),
+        }
+    }
+
+    /// Sends `request` to the destination and waits for its reply.
+    async fn call(&self, request: Request) -> Result<serde_json::Value, Failure> {
+        let conn = self
+            .dest
+            .as_ref()
+            .ok_or_else(|| self.fail("not connected to the destination"))?;
+        match control::call(conn, &request).await {
+            Ok(Reply::Ok { detail }) => Ok(detail),
+            Ok(Reply::Error { message }) => {
+                Err(self.fail(format!("{} refused: {message}", self.req.to_node)))
+            }
+            Err(e) => Err(self.fail(format!("talking to {}: {e}", self.req.to_node))),
+        }
+    }
+
+    async fn checkpoint(&self, path: &Path, leave_running: bool) -> Result<(), Failure> {
+        let runtime = self.node.runtime.clone();
+        let (c, p) = (self.req.container.clone(), path.to_path_buf());
+        match blocking(move || runtime.checkpoint(&c, &p, leave_running)).await {
+            Ok(outcome) => {
+                info!(seconds = outcome.elapsed.as_secs_f64(), frozen = ?outcome.stats.map(|s| s.frozen_time), "checkpointed");
+                Ok(())
+            }
+            Err(e) => Err(self.fail(format!("checkpointing on {}: {e}", self.node.name))),
+        }
+    }
+
+    /// Sends one round's archive over its own transfer connection(s).
+    async fn send(&mut self, round: u32, path: &Path) -> Result<SendReport, Failure> {
+        let total = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let progress = Arc::new(AtomicU64::new(0));
+        let options = SendOptions {
+            level: self.node.config.level,
+            resume_timeout: self.node.config.resume_timeout,
+            progress: Some(progress.clone()),
+            ..SendOptions::default()
+        };
+        let config = self
+            .node
+            .client_config(&self.req.to_node)
+            .map_err(|e| self.fail(e.to_string()))?;
+        let dialer = HelloDialer {
+            endpoint: self.node.endpoint.clone(),
+            addr: self.req.to,
+            config,
+            peer: self.req.to_node.clone(),
+            hello: TransferHello {
+                migration_id: self.id.clone(),
+                round,
+            },
+        };
+        let phase = self.phase;
+        let events = self.events.clone();
+        let ticker = tokio::spawn(async move {
+            let mut every = tokio::time::interval(PROGRESS_EVERY);
+            loop {
+                every.tick().await;
+                let done = progress.load(Ordering::Relaxed);
+                let _ = events.send(Event::Progress { phase, done, total }).await;
+            }
+        });
+        let result = quic::send_file_via(&dialer, path, &options).await;
+        ticker.abort();
+        let report = result.map_err(|e| {
+            self.fail(format!(
+                "sending the checkpoint to {}: {e}",
+                self.req.to_node
+            ))
+        })?;
+        self.emit(Event::Progress {
+            phase,
+            done: report.input_bytes,
+            total: report.input_bytes,
+        })
+        .await;
+        self.wire_total += report.wire_bytes;
+        Ok(report)
+    }
+
+    async fn round_done(&self, round: u32, report: &SendReport, started: Instant) {
+        self.emit(Event::Round {
+            round,
+            archive_bytes: report.input_bytes,
+            wire_bytes: report.wire_bytes,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+        .await;
+    }
+
+    /// After a failure: the destination drops what it made, the source runs again. Returns
+    /// (the source runs again, the destination confirmed it holds nothing of the migration).
+    async fn rollback(&mut self) -> (bool, bool) {
+        self.enter(Phase::Rollback, None).await;
+        let mut clean = true;
+        if self.dest.is_some() {
+            let abort = Request::Abort {
+                migration_id: self.id.clone(),
+            };
+            match tokio::time::timeout(Duration::from_secs(60), self.call(abort)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(f)) => {
+                    warn!(error = %f.message, "the destination could not abort");
+                    clean = false;
+                }
+                Err(_) => {
+                    warn!("the destination did not answer the abort");
+                    clean = false;
+                }
+            }
+        }
+        let runtime = self.node.runtime.clone();
+        let container = self.req.container.clone();
+        let archive = self.archive.clone();
+        let stopped = self.stopped;
+        let back = blocking(move || -> Result<bool, RuntimeError> {
+            if stopped {
+                if let Some(archive) = archive {
+                    runtime.remove_container(&container)?;
+                    runtime.restore_in_place(&archive)?;
+                }
+            }
+            runtime.is_running(&container)
+        })
+        .await;
+        self.close_phase();
+        match back {
+            Ok(true) => {
+                info!("the source container runs again");
+                self.stopped = false;
+                (true, clean)
+            }
+            Ok(false) => {
+                warn!("the source container is not running after the rollback");
+                (false, clean)
+            }
+            Err(e) => {
+                warn!(error = %e, "restoring the source container failed; its checkpoint stays in the work folder");
+                // Keep the archive: it is the container's only copy now.
+                self.keep_dir = self.stopped;
+                (false, clean)
+            }
+        }
+    }
+
+    /// Keeps the final archive's chunks in this node's store (so the container, coming back,
+    /// sends little), then deletes it; in the background, off the migration's clock.
+    fn keep_chunks(&mut self, path: &Path, held: tokio::sync::OwnedMutexGuard<()>) {
+        let store = self.node.store.clone();
+        let level = self.node.config.level;
+        let path = path.to_path_buf();
+        self.keep_dir = true;
+        let dir = path.parent().map(Path::to_path_buf);
+        tokio::task::spawn_blocking(move || {
+            let _held = held;
+            match transport::ingest::ingest_file(&store, &path, level) {
+                Ok(r) => info!(chunks_added = r.chunks_added, "kept the sent chunks"),
+                Err(e) => warn!(error = %e, "keeping the sent chunks failed"),
+            }
+            if let Err(e) = store.evict_to_cap(&|_| false) {
+                warn!(error = %e, "chunk store eviction failed");
+            }
+            if let Some(dir) = dir {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        });
+    }
+
+    /// Deletes the work folder, unless something still needs it (see `keep_dir`).
+    fn remove_work_dir(&self) {
+        if !self.keep_dir {
+            let _ = std::fs::remove_dir_all(self.node.work.join(&self.id));
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("blocking runtime call does not panic")
+}
+
+/// Dials the destination daemon for one transfer round: a new connection whose first stream
+/// says which migration and round it carries.
+struct HelloDialer {
+    endpoint: quinn::Endpoint,
+    addr: SocketAddr,
+    config: quinn::ClientConfig,
+    peer: String,
+    hello: TransferHello,
+}
+
+impl Dialer for HelloDialer {
+    fn dial(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = Result<quinn::Connection, DialError>> + Send + '_>> {
+        Box::pin(async move {
+            let connecting = self
+                .endpoint
+                .connect_with(self.config.clone(), self.addr, SERVER_NAME)
+                .map_err(|source| {
+                    DialError::Fatal(TransferError::Connect {
+                        addr: self.addr,
+                        source,
+                    })
+                })?;
+            let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+                Ok(r) => r.map_err(DialError::Connection)?,
+                Err(_) => return Err(DialError::Connection(quinn::ConnectionError::TimedOut)),
+            };
+            let lost = |conn: &quinn::Connection| {
+                DialError::Connection(
+                    conn.close_reason()
+                        .unwrap_or(quinn::ConnectionError::TimedOut),
+                )
+            };
+            let reply = control::call(&conn, &Request::Transfer(self.hello.clone())).await;
+            match reply {
+                Ok(Reply::Ok { .. }) => Ok(conn),
+                Ok(Reply::Error { message }) => Err(DialError::Fatal(TransferError::Refused {
+                    addr: self.peer.clone(),
+                    reason: message,
+                })),
+                Err(_) => Err(lost(&conn)),
+            }
+        })
+    }
+
+    fn peer(&self) -> String {
+        self.peer.clone()
+    }
+}
