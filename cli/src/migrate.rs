@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use engine::control::{self, Event, MigrateRequest, Phase, Request};
+use engine::control::{self, Event, MigrateRequest, Phase, Request, BASE_IMAGE_ROUND};
 use engine::lab::{self, LabOptions};
 use transport::quic;
 use transport::tls::{NodeIdentity, SERVER_NAME};
@@ -264,6 +264,9 @@ impl<'a> View<'a> {
                 }
                 let what = match (phase, round) {
                     (Phase::Plan, _) => format!("migration {migration_id}: checking both nodes"),
+                    (Phase::StageImage, _) => {
+                        "the destination lacks the container's image: sending it too".into()
+                    }
                     (Phase::Precopy, Some(r)) => {
                         format!("pre-copy round {r}: checkpoint (container keeps running), send")
                     }
@@ -302,10 +305,10 @@ impl<'a> View<'a> {
                 seconds,
             } => {
                 self.finish_bar();
-                let which = if *round == 0 {
-                    "final round".to_string()
-                } else {
-                    format!("pre-copy round {round}")
+                let which = match *round {
+                    0 => "final round".to_string(),
+                    BASE_IMAGE_ROUND => "base image".to_string(),
+                    r => format!("pre-copy round {r}"),
                 };
                 if !self.out.quiet {
                     eprintln!(

@@ -194,6 +194,10 @@ const COUNTER_LOOP: &str =
     "i=0; while :; do i=$((i+1)); echo $i > /c.tmp; mv /c.tmp /c; sleep 0.05; done";
 
 fn start_counter(lab: &Lab, node: &str) {
+    start_counter_named(lab, node, "counter");
+}
+
+fn start_counter_named(lab: &Lab, node: &str, name: &str) {
     lab.ok(
         node,
         &[
@@ -201,7 +205,7 @@ fn start_counter(lab: &Lab, node: &str) {
             "run",
             "-d",
             "--name",
-            "counter",
+            name,
             lab::BUSYBOX_IMAGE,
             "sh",
             "-c",
@@ -272,6 +276,34 @@ fn counter_continues_on_the_destination() {
     wait_for("work folders empty", Duration::from_secs(30), || {
         (lab.work_files(a).is_empty() && lab.work_files(b).is_empty()).then_some(())
     });
+}
+
+#[test]
+fn base_image_is_sent_when_the_destination_lacks_it() {
+    let lab = Lab::up("s");
+    let (a, b) = (&lab.a, &lab.b);
+    lab.ok(b, &["podman", "rmi", lab::BUSYBOX_IMAGE]);
+    start_counter(&lab, a);
+    let before = count_above(&lab, a, 10);
+    let (ok, events) = lab.migrate("counter", a, b, &[]);
+    assert!(ok, "migration failed");
+    summary(&events);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "phase" && e["phase"] == "stage_image"),
+        "the base image was not staged"
+    );
+    let first = count(&lab, b).expect("the counter runs on the destination");
+    assert!(first >= before, "the counter restarted: {first} < {before}");
+    lab.ok(b, &["podman", "image", "exists", lab::BUSYBOX_IMAGE]);
+    // The next migration of a container on that image finds it there.
+    start_counter_named(&lab, a, "counter2");
+    let (ok, events) = lab.migrate("counter2", a, b, &[]);
+    assert!(ok, "second migration failed");
+    assert!(!events
+        .iter()
+        .any(|e| e["event"] == "phase" && e["phase"] == "stage_image"));
 }
 
 #[test]

@@ -55,6 +55,8 @@ pub enum Request {
     Prepare(PrepareRequest),
     /// Source → destination daemon: the rest of this connection carries one transfer round.
     Transfer(TransferHello),
+    /// Source → destination daemon: load the base image sent in round [`BASE_IMAGE_ROUND`].
+    StageImage(StepRequest),
     /// Source → destination daemon: build the OCI checkpoint image of the final round and
     /// import it into the node's image store.
     Assemble(StepRequest),
@@ -97,14 +99,22 @@ pub struct PrepareRequest {
     pub migration_id: String,
     /// The container's name on the source (and, after restore, on the destination).
     pub container: String,
+    /// The image the container runs on; the destination says whether it holds it
+    /// (`"has_base_image"` in its reply).
+    #[serde(default)]
+    pub base_image: Option<String>,
 }
+
+/// The transfer round that carries the base image (when the destination lacks it).
+pub const BASE_IMAGE_ROUND: u32 = u32::MAX;
 
 /// The first message of a transfer connection.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TransferHello {
     /// The migration (announced with [`Request::Prepare`]).
     pub migration_id: String,
-    /// Round number: 1..=N for pre-copy rounds, 0 for the final checkpoint.
+    /// Round number: 1..=N for pre-copy rounds, 0 for the final checkpoint,
+    /// [`BASE_IMAGE_ROUND`] for the base image.
     pub round: u32,
 }
 
@@ -140,6 +150,8 @@ pub enum Reply {
 pub enum Phase {
     /// Check the container and the destination.
     Plan,
+    /// Send the container's base image, which the destination lacks.
+    StageImage,
     /// Checkpoint with the container left running and send it: warms the destination's store.
     Precopy,
     /// The final checkpoint: the container stops here.
@@ -163,6 +175,7 @@ impl Phase {
     pub fn name(self) -> &'static str {
         match self {
             Phase::Plan => "plan",
+            Phase::StageImage => "stage_image",
             Phase::Precopy => "precopy",
             Phase::Checkpoint => "checkpoint",
             Phase::Transfer => "transfer",

@@ -303,6 +303,7 @@ async fn handle(node: &Arc<Node>, request: Request) -> Reply {
             }),
         },
         Request::Prepare(req) => d.prepare(node, req).await,
+        Request::StageImage(req) => d.stage_image(node, req).await,
         Request::Assemble(req) => d.assemble(node, req).await,
         Request::Restore(req) => d.restore(node, req).await,
         Request::Verify(req) => d.verify(node, req).await,

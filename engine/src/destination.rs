@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 use transport::quic::{self, ReceiveOptions, ReceiveReport, TransferError};
 
-use crate::control::{PrepareRequest, Reply, StepRequest, TransferHello};
+use crate::control::{PrepareRequest, Reply, StepRequest, TransferHello, BASE_IMAGE_ROUND};
 use crate::daemon::Node;
 use crate::image::{self, ImageOptions};
 use crate::runtime::RuntimeError;
@@ -137,6 +137,18 @@ impl Destinations {
                 ))
             }
         }
+        let has_base_image = match req.base_image.clone() {
+            None => true,
+            Some(image) => {
+                let runtime = node.runtime.clone();
+                match blocking(move || runtime.has_image(&image)).await {
+                    Ok(has) => has,
+                    Err(e) => {
+                        return error(format!("checking the base image on {}: {e}", node.name))
+                    }
+                }
+            }
+        };
         let dir = match node.work_dir(&req.migration_id) {
             Ok(d) => d,
             Err(e) => return error(format!("creating the work folder on {}: {e}", node.name)),
@@ -153,7 +165,7 @@ impl Destinations {
                 touched: Instant::now(),
             },
         );
-        ok(serde_json::json!({ "node": node.name }))
+        ok(serde_json::json!({ "node": node.name, "has_base_image": has_base_image }))
     }
 
     /// Hands a transfer connection to the receiver of its round, starting it on first contact.
@@ -171,17 +183,17 @@ impl Destinations {
         let routed = self.touch(&hello.migration_id, |inc| {
             let round = hello.round;
             let entry = inc.rounds.entry(round).or_insert_with(|| {
-                let out = inc.dir.join(if round == 0 {
-                    "checkpoint.tar".to_string()
-                } else {
-                    format!("precopy-{round}.tar")
+                let out = inc.dir.join(match round {
+                    0 => "checkpoint.tar".to_string(),
+                    BASE_IMAGE_ROUND => "base-image.tar".to_string(),
+                    _ => format!("precopy-{round}.tar"),
                 });
                 let (tx, mut rx) = mpsc::channel(4);
                 let task_out = out.clone();
                 let task = tokio::spawn(async move {
                     let report = quic::receive_file_from(&mut rx, store, &task_out, &options).await;
                     // A pre-copy round only warms the store: its file is not needed.
-                    if round != 0 {
+                    if round != 0 && round != BASE_IMAGE_ROUND {
                         let _ = std::fs::remove_file(&task_out);
                     }
                     report
@@ -208,25 +220,64 @@ impl Destinations {
         }
     }
 
-    /// Waits for the final round, builds its OCI checkpoint image and imports it.
-    pub async fn assemble(&self, node: &Arc<Node>, req: StepRequest) -> Reply {
-        let Some(task) = self.touch(&req.migration_id, |inc| {
+    /// Waits for the base image round and loads it into the node's image store. The image
+    /// stays after the migration, whatever its outcome: it is whole, and the next container
+    /// on it needs it too.
+    pub async fn stage_image(&self, node: &Arc<Node>, req: StepRequest) -> Reply {
+        let (report, file) = match self
+            .finished_round(node, &req.migration_id, BASE_IMAGE_ROUND)
+            .await
+        {
+            Ok(r) => r,
+            Err(reply) => return reply,
+        };
+        let runtime = node.runtime.clone();
+        let f = file.clone();
+        let loaded = blocking(move || runtime.import_image(&f)).await;
+        let _ = std::fs::remove_file(&file);
+        match loaded {
+            Ok(image) => {
+                info!(migration_id = %req.migration_id, %image, "base image staged");
+                ok(serde_json::json!({ "image": image, "bytes": report.bytes_written }))
+            }
+            Err(e) => error(format!("loading the base image on {}: {e}", node.name)),
+        }
+    }
+
+    /// Waits for the receiver of `round` to finish; its report and output file.
+    async fn finished_round(
+        &self,
+        node: &Arc<Node>,
+        migration_id: &str,
+        round: u32,
+    ) -> Result<(ReceiveReport, PathBuf), Reply> {
+        let Some(task) = self.touch(migration_id, |inc| {
             inc.rounds
-                .get_mut(&0)
+                .get_mut(&round)
                 .map(|r| (r.task.take(), r.out.clone()))
         }) else {
-            return error(format!(
-                "no migration {} on {}",
-                req.migration_id, node.name
-            ));
+            return Err(error(format!(
+                "no migration {migration_id} on {}",
+                node.name
+            )));
         };
-        let Some((Some(task), archive)) = task else {
-            return error("the final checkpoint was never sent, or assembled already");
+        let Some((Some(task), out)) = task else {
+            return Err(error(format!(
+                "round {round} of migration {migration_id} was never sent, or used already"
+            )));
         };
-        let report = match task.await {
-            Ok(Ok(report)) => report,
-            Ok(Err(e)) => return error(format!("receiving the final checkpoint failed: {e}")),
-            Err(e) => return error(format!("the receiving task ended: {e}")),
+        match task.await {
+            Ok(Ok(report)) => Ok((report, out)),
+            Ok(Err(e)) => Err(error(format!("receiving round {round} failed: {e}"))),
+            Err(e) => Err(error(format!("the receiving task ended: {e}"))),
+        }
+    }
+
+    /// Waits for the final round, builds its OCI checkpoint image and imports it.
+    pub async fn assemble(&self, node: &Arc<Node>, req: StepRequest) -> Reply {
+        let (report, archive) = match self.finished_round(node, &req.migration_id, 0).await {
+            Ok(r) => r,
+            Err(reply) => return reply,
         };
         let started = Instant::now();
         let dir = archive.parent().unwrap_or(Path::new(".")).to_path_buf();

@@ -23,7 +23,7 @@ use transport::tls::SERVER_NAME;
 
 use crate::control::{
     self, Event, MigrateRequest, Phase, PrepareRequest, Reply, Request, StepRequest, Summary,
-    TransferHello,
+    TransferHello, BASE_IMAGE_ROUND,
 };
 use crate::daemon::Node;
 use crate::runtime::RuntimeError;
@@ -183,14 +183,43 @@ impl Migration {
             }
             Err(e) => return Err(self.fail(format!("asking the container engine: {e}"))),
         }
+        let runtime = self.node.runtime.clone();
+        let c = container.clone();
+        let base_image = blocking(move || runtime.image_of(&c))
+            .await
+            .map_err(|e| self.fail(format!("finding the container's image: {e}")))?;
         let conn = self.connect().await?;
         self.dest = Some(conn.clone());
-        self.call(Request::Prepare(PrepareRequest {
-            migration_id: self.id.clone(),
-            container: container.clone(),
-        }))
-        .await?;
+        let prepared = self
+            .call(Request::Prepare(PrepareRequest {
+                migration_id: self.id.clone(),
+                container: container.clone(),
+                base_image: Some(base_image.clone()),
+            }))
+            .await?;
         let dir = self.dir()?;
+
+        // The destination lacks the base image (no registry, or a private one): send it too,
+        // through the same deduplicating transfer.
+        if prepared["has_base_image"] == false {
+            self.enter(Phase::StageImage, None).await;
+            let started = Instant::now();
+            let path = dir.join("base-image.tar");
+            let runtime = self.node.runtime.clone();
+            let (image, p) = (base_image.clone(), path.clone());
+            blocking(move || runtime.save_image(&image, &p))
+                .await
+                .map_err(|e| self.fail(format!("saving the base image {base_image}: {e}")))?;
+            let sent = self.send(BASE_IMAGE_ROUND, &path).await;
+            let _ = std::fs::remove_file(&path);
+            let report = sent?;
+            self.round_done(BASE_IMAGE_ROUND, &report, started).await;
+            self.call(Request::StageImage(StepRequest {
+                migration_id: self.id.clone(),
+                container: container.clone(),
+            }))
+            .await?;
+        }
 
         // Pre-copy rounds: the container keeps running; the destination's store warms up.
         for round in 1..=self.req.precopy {

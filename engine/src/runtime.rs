@@ -165,6 +165,16 @@ pub trait Runtime: Send + Sync + fmt::Debug {
     /// Removes the image `image_ref`; an absent image is not an error. An image a container
     /// still uses is not removed (the error says so): remove the container first.
     fn remove_image(&self, image_ref: &str) -> Result<(), RuntimeError>;
+
+    /// The image `container` was created from, as a reference (`localhost/lab/busybox:latest`).
+    fn image_of(&self, container: &str) -> Result<String, RuntimeError>;
+
+    /// Whether the node's image store holds `image_ref`.
+    fn has_image(&self, image_ref: &str) -> Result<bool, RuntimeError>;
+
+    /// Writes `image_ref` to `out` as an uncompressed image archive that [`Runtime::import_image`]
+    /// loads on another node (base image staging). Uncompressed, so the transfer deduplicates it.
+    fn save_image(&self, image_ref: &str, out: &Path) -> Result<(), RuntimeError>;
 }
 
 /// [`Runtime`] through the `podman` CLI, run after a command prefix.
@@ -342,6 +352,55 @@ impl Runtime for Podman {
 
     fn remove_image(&self, image_ref: &str) -> Result<(), RuntimeError> {
         let args = ["image", "rm", "--ignore", "--", image_ref].map(OsStr::new);
+        self.run(&args, Subject::Image(image_ref)).map(drop)
+    }
+
+    fn image_of(&self, container: &str) -> Result<String, RuntimeError> {
+        let args = [
+            "container",
+            "inspect",
+            "--format",
+            "{{.ImageName}}",
+            "--",
+            container,
+        ]
+        .map(OsStr::new);
+        let stdout = self.run(&args, Subject::Container(container))?;
+        match stdout.trim() {
+            "" => Err(RuntimeError::UnexpectedOutput {
+                command: self.command_for(&args),
+                what: "an image name",
+                output: bounded(&stdout),
+            }),
+            name => Ok(name.to_string()),
+        }
+    }
+
+    fn has_image(&self, image_ref: &str) -> Result<bool, RuntimeError> {
+        let mut words: Vec<&OsStr> = self.prefix.iter().map(OsString::as_os_str).collect();
+        words.extend(["podman", "image", "exists", "--", image_ref].map(OsStr::new));
+        let command = command_line(&words);
+        let output = Command::new(words[0])
+            .args(&words[1..])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| RuntimeError::Spawn {
+                command: command.clone(),
+                source,
+            })?;
+        // `podman image exists`: 0 yes, 1 no, anything else an error.
+        match output.status.code() {
+            Some(0) => Ok(true),
+            Some(1) => Ok(false),
+            _ => check(command, &output, Subject::Image(image_ref)).map(|_| false),
+        }
+    }
+
+    fn save_image(&self, image_ref: &str, out: &Path) -> Result<(), RuntimeError> {
+        let mut args: Vec<&OsStr> = ["save", "--quiet", "--format", "docker-archive", "-o"]
+            .map(OsStr::new)
+            .to_vec();
+        args.extend([out.as_os_str(), OsStr::new("--"), OsStr::new(image_ref)]);
         self.run(&args, Subject::Image(image_ref)).map(drop)
     }
 }
