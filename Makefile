@@ -2,12 +2,18 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: demo test lint unit deps lab-rootfs bench bench-micro fuzz clean
+.PHONY: demo demo-transport test lint unit deps lab-rootfs bench bench-micro bench-migration fuzz clean
 
-## demo: build, then move a generated checkpoint-like file between two `migrate` processes
-## over QUIC with mutual TLS, and again after 5% of it changed (dedup).
-demo: deps
+## demo: a real live migration in the lab: bring up node1 and node2 (building the lab root the
+## first time), start nginx on node1, `migrate web --from node1 --to node2`, fetch the page
+## from node2.
+demo: deps lab-rootfs
 	./scripts/demo.sh
+
+## demo-transport: the transport alone: a generated checkpoint-like file moved between two
+## `migrate` processes over QUIC with mutual TLS, then again after 5% of it changed (dedup).
+demo-transport: deps
+	./scripts/demo-transport.sh
 
 ## test: formatting, clippy, then every test of the workspace (some run podman and CRIU in lab
 ## nodes, so the lab root is built first).
@@ -32,6 +38,12 @@ deps:
 ## bench: the side-by-side transfer benchmark against zstd | TCP | zstd -d.
 bench: deps
 	./benches/run-transfer.sh
+
+## bench-migration: redis holding 1 GiB moved node1 -> node2 in the lab by `migrate redis` and
+## by Podman's checkpoint --export / TCP copy / restore --import, interleaved; prints medians and
+## writes target/bench-migration.json (root; knobs BENCH_RUNS, BENCH_KEYS... in the script).
+bench-migration:
+	./benches/run-migration.sh
 
 ## bench-micro: criterion benches for chunking, hashing and compression.
 bench-micro:
