@@ -7,7 +7,8 @@
 //!    source; 2. a file written into nginx is served by it on the destination; 3. redis holding
 //!    more than 200 MiB in more than 100k keys has every key and value after the move (a digest
 //!    computed inside redis), and 4. moving it back sends at most 10% of the archive; 5. the
-//!    destination daemon killed mid-transfer, and a destination without room for the image:
+//!    destination daemon killed mid-transfer, and a destination without room for the
+//!    checkpoint (so for its image):
 //!    the command fails clearly, the source runs on with its state, the destination holds
 //!    nothing of the migration.
 //!
@@ -605,7 +606,7 @@ fn destination_killed_mid_transfer_rolls_back() {
 }
 
 #[test]
-fn destination_without_room_for_the_image_rolls_back() {
+fn destination_without_room_for_the_checkpoint_rolls_back() {
     let lab = Lab::up("f");
     let (a, b) = (&lab.a, &lab.b);
     start_counter(&lab, a);
@@ -629,8 +630,8 @@ fn destination_without_room_for_the_image_rolls_back() {
         .parse()
         .unwrap();
     lab.ok(a, &["rm", "/tmp/probe.tar"]);
-    // Room for the archive, not for the archive and its image side by side.
-    let room = size + size / 2;
+    // Room for half the checkpoint: the image cannot be made there.
+    let room = size / 2;
     let work = lab::DAEMON_STATE.to_string() + "/work";
     lab.ok(
         b,
@@ -650,6 +651,7 @@ fn destination_without_room_for_the_image_rolls_back() {
     let last = events.last().unwrap();
     assert_eq!(last["event"], "failed", "{last}");
     assert_eq!(last["rolled_back"], true, "{last}");
+    assert_eq!(last["phase"], "transfer", "{last}");
     let message = last["message"].as_str().unwrap();
     assert!(
         message.to_lowercase().contains("no space") || message.contains("No space"),

@@ -285,14 +285,27 @@ impl Destinations {
         let runtime = node.runtime.clone();
         let (r, a) = (reference.clone(), archive.clone());
         let result = blocking(move || -> Result<String, String> {
-            let oci = dir.join("image.tar");
-            let built = image::write_oci_archive(&a, &oci, &ImageOptions::new(r));
-            // The archive's bytes are in the image (or the image failed): drop the copy now,
-            // the node may not have room for both.
+            // An OCI layout directory whose layer is the received archive itself (hard-linked:
+            // no copy), loaded by the runtime straight from the directory.
+            let layout = dir.join("image");
+            let options = ImageOptions {
+                link_archive: true,
+                ..ImageOptions::new(r)
+            };
+            let built = image::write_layout(&a, &layout, &options);
             let _ = std::fs::remove_file(&a);
-            built.map_err(|e| format!("building the checkpoint image: {e}"))?;
-            let loaded = runtime.import_image(&oci);
-            let _ = std::fs::remove_file(&oci);
+            if let Err(e) = built {
+                let _ = std::fs::remove_dir_all(&layout);
+                return Err(format!("building the checkpoint image: {e}"));
+            }
+            let built_after = started.elapsed();
+            let loaded = runtime.import_image(&layout);
+            let _ = std::fs::remove_dir_all(&layout);
+            info!(
+                build = built_after.as_secs_f64(),
+                load = (started.elapsed() - built_after).as_secs_f64(),
+                "checkpoint image assembled"
+            );
             loaded.map_err(|e| format!("importing the checkpoint image: {e}"))
         })
         .await;

@@ -59,6 +59,11 @@ pub struct ImageOptions {
     pub architecture: String,
     /// Archive validation bounds.
     pub limits: Limits,
+    /// Use the validated archive itself as the layer blob (hard-linked into the layout, or
+    /// copied across file systems) instead of writing a normalized copy of its entries: one
+    /// pass over the archive instead of three. For archives the caller made or received whole
+    /// (a migration's); the copy normalizes owners and modes.
+    pub link_archive: bool,
 }
 
 impl ImageOptions {
@@ -70,6 +75,7 @@ impl ImageOptions {
             criu_version: None,
             architecture: node_architecture().to_string(),
             limits: Limits::default(),
+            link_archive: false,
         }
     }
 }
@@ -212,13 +218,19 @@ pub fn write_layout(
         return Err(ImageError::TargetExists(out.to_path_buf()));
     }
     // Full validation first: nothing is written for a refused archive.
-    let info = inspect::inspect_file(archive_path, &options.limits)?;
+    let (info, digest) = if options.link_archive {
+        let (info, digest) = inspect_and_hash(archive_path, &options.limits)?;
+        (info, Some(digest))
+    } else {
+        (inspect::inspect_file(archive_path, &options.limits)?, None)
+    };
     if info.container_name.is_none() {
         return Err(ImageError::NoContainerName);
     }
     let partial = partial_path(out);
     let _ = fs::remove_dir_all(&partial);
-    let result = build_layout(archive_path, &partial, options, info).and_then(|mut image| {
+    let built = build_layout(archive_path, &partial, options, info, digest);
+    let result = built.and_then(|mut image| {
         fs::rename(&partial, out).map_err(|e| write_err(out, e))?;
         image.path = out.to_path_buf();
         Ok(image)
@@ -356,13 +368,17 @@ fn build_layout(
     dir: &Path,
     options: &ImageOptions,
     info: CheckpointInfo,
+    archive_digest: Option<String>,
 ) -> Result<CheckpointImage, ImageError> {
     make_dir(dir)?;
     make_dir(&dir.join("blobs"))?;
     let blobs = dir.join("blobs/sha256");
     make_dir(&blobs)?;
 
-    let (layer, raw_image_name) = write_layer(archive_path, &blobs, &options.limits)?;
+    let (layer, raw_image_name) = match archive_digest {
+        Some(digest) => link_layer(archive_path, &blobs, digest, &info, &options.limits)?,
+        None => write_layer(archive_path, &blobs, &options.limits)?,
+    };
     let config = ImageConfig {
         created: info.checkpointed.clone(),
         architecture: options.architecture.clone(),
@@ -405,6 +421,66 @@ fn build_layout(
     })
 }
 
+/// Validates and inspects the archive in one read, hashing its bytes on the way.
+fn inspect_and_hash(path: &Path, limits: &Limits) -> Result<(CheckpointInfo, String), ImageError> {
+    let file = File::open(path).map_err(|e| ImageError::Archive(ArchiveError::Io(e)))?;
+    let mut reader = HashingRead {
+        inner: io::BufReader::with_capacity(1 << 20, file),
+        hasher: Sha256::new(),
+        n: 0,
+    };
+    let mut info = inspect::inspect(&mut reader, limits)?;
+    // The tar reader stops at the end-of-archive marker; the padding after it is hashed too.
+    io::copy(&mut reader, &mut io::sink()).map_err(|e| ImageError::Archive(ArchiveError::Io(e)))?;
+    info.archive_bytes = reader.n;
+    Ok((info, format_digest(&reader.hasher.finalize())))
+}
+
+/// The archive itself as the layer blob: hard-linked under its digest (copied when the
+/// layout is on another file system). Reads config.dump's `RawImageName` from the archive.
+fn link_layer(
+    archive_path: &Path,
+    blobs: &Path,
+    digest: String,
+    info: &CheckpointInfo,
+    limits: &Limits,
+) -> Result<(Descriptor, Option<String>), ImageError> {
+    let path = blobs.join(&digest["sha256:".len()..]);
+    if fs::hard_link(archive_path, &path).is_err() {
+        fs::copy(archive_path, &path).map_err(|e| write_err(&path, e))?;
+    }
+    // config.dump comes first in Podman's and CRI-O's archives: stop reading once it is seen.
+    let mut config_dump = Vec::new();
+    let reader = archive::open(archive_path)?;
+    let _ = archive::scan(reader, limits, |entry, data| {
+        if entry.path == Path::new("config.dump") {
+            data.take(1 << 20).read_to_end(&mut config_dump)?;
+            return Err(io::Error::other("found"));
+        }
+        Ok(())
+    });
+    let layer = Descriptor {
+        media_type: LAYER_MEDIA_TYPE.to_string(),
+        digest,
+        size: info.archive_bytes,
+        annotations: BTreeMap::new(),
+    };
+    Ok((layer, raw_image_name(&config_dump)))
+}
+
+/// config.dump's `RawImageName`, if it has one.
+fn raw_image_name(config_dump: &[u8]) -> Option<String> {
+    serde_json::from_slice::<serde_json::Value>(config_dump)
+        .ok()
+        .and_then(|v| {
+            v.get("RawImageName")
+                .or_else(|| v.get("rawImageName"))
+                .and_then(|n| n.as_str())
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+        })
+}
+
 /// Streams the archive's entries into a new tar at `blobs/.layer.partial` while hashing it,
 /// then renames it to its digest. Also returns config.dump's `RawImageName`, read on the way.
 fn write_layer(
@@ -441,15 +517,7 @@ fn write_layer(
     let (digest, size) = hashing.finish();
     let path = blobs.join(&digest["sha256:".len()..]);
     fs::rename(&tmp, &path).map_err(|e| write_err(&path, e))?;
-    let raw_image_name = serde_json::from_slice::<serde_json::Value>(&config_dump)
-        .ok()
-        .and_then(|v| {
-            v.get("RawImageName")
-                .or_else(|| v.get("rawImageName"))
-                .and_then(|n| n.as_str())
-                .filter(|n| !n.is_empty())
-                .map(str::to_owned)
-        });
+    let raw_image_name = raw_image_name(&config_dump);
     let layer = Descriptor {
         media_type: LAYER_MEDIA_TYPE.to_string(),
         digest,
@@ -599,6 +667,22 @@ fn write_err(path: &Path, source: io::Error) -> ImageError {
 }
 
 /// A writer that hashes and counts what passes through it.
+/// A reader that hashes what passes through it.
+struct HashingRead<R> {
+    inner: R,
+    hasher: Sha256,
+    n: u64,
+}
+
+impl<R: Read> Read for HashingRead<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.n += n as u64;
+        Ok(n)
+    }
+}
+
 struct Hashing<W> {
     inner: W,
     hasher: Sha256,

@@ -143,7 +143,8 @@ pub trait Runtime: Send + Sync + fmt::Debug {
         leave_running: bool,
     ) -> Result<CheckpointOutcome, RuntimeError>;
 
-    /// Loads an OCI archive (an `engine::image` checkpoint image) into the node's image
+    /// Loads an image (an `engine::image` checkpoint image as an OCI archive or OCI layout
+    /// directory, or an image archive from [`Runtime::save_image`]) into the node's image
     /// store; returns the reference it was loaded under.
     fn import_image(&self, oci_archive: &Path) -> Result<String, RuntimeError>;
 
