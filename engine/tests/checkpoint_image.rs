@@ -239,11 +239,50 @@ fn hostile_archive_writes_nothing() {
     assert!(matches!(err, ImageError::Inspect(_)), "{err}");
     let err = image::write_oci_archive(&src, &tmp.path().join("img.tar"), &options()).unwrap_err();
     assert!(matches!(err, ImageError::Inspect(_)), "{err}");
+    let linked = ImageOptions {
+        link_archive: true,
+        ..options()
+    };
+    let err = image::write_layout(&src, &out, &linked).unwrap_err();
+    assert!(matches!(err, ImageError::Inspect(_)), "{err}");
     let left: Vec<_> = fs::read_dir(tmp.path())
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(left, vec![std::ffi::OsString::from("ckpt.tar")]);
+}
+
+/// With `link_archive` the layer is the archive file itself: same bytes, same inode, digest
+/// and size in the manifest; the annotations are those of the copying path.
+#[test]
+fn linked_layer_is_the_archive_itself() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = archive(tmp.path(), |_| {});
+    let copied = image::write_layout(&src, &tmp.path().join("copied"), &options()).unwrap();
+    let linked_options = ImageOptions {
+        link_archive: true,
+        ..options()
+    };
+    let out = tmp.path().join("linked");
+    let linked = image::write_layout(&src, &out, &linked_options).unwrap();
+    let layer = &linked.manifest_body.layers[0];
+    let bytes = fs::read(&src).unwrap();
+    assert_eq!(layer.digest, image::sha256_digest(&bytes));
+    assert_eq!(layer.size, bytes.len() as u64);
+    let blob_path = out
+        .join("blobs/sha256")
+        .join(&layer.digest["sha256:".len()..]);
+    assert_eq!(
+        fs::metadata(&blob_path).unwrap().ino(),
+        fs::metadata(&src).unwrap().ino(),
+        "the layer is not a hard link to the archive"
+    );
+    assert_eq!(
+        linked.manifest_body.annotations, copied.manifest_body.annotations,
+        "RawImageName and the rest must not depend on how the layer was made"
+    );
+    assert_eq!(linked.manifest_body.config.digest.len(), 71);
 }
 
 #[test]
