@@ -45,6 +45,10 @@ pub struct MigrateArgs {
     /// 0 turns pre-copy off.
     #[arg(long, default_value_t = 1)]
     precopy: u32,
+    /// Restore through an OCI checkpoint image assembled and imported on the destination (the
+    /// way a Kubernetes node restores) instead of straight from the checkpoint archive.
+    #[arg(long)]
+    via_image: bool,
     /// A node's daemon address, NAME=ADDR:PORT (repeatable); without it, the lab's nodes.
     #[arg(long = "node", value_parser = parse_node)]
     nodes: Vec<(String, SocketAddr)>,
@@ -199,6 +203,7 @@ async fn drive(args: MigrateArgs, plan: Plan, out: &Output) -> anyhow::Result<Ex
         to: plan.to_addr,
         to_node: args.to.clone(),
         precopy: args.precopy,
+        via_image: args.via_image,
     });
     control::write_message(&mut send, &request, &args.from).await?;
     let _ = send.finish();

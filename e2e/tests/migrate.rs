@@ -4,7 +4,8 @@
 //! tests fail saying so, they never skip.
 //!
 //! 1. a counter continues on the destination from its checkpointed value and is gone from the
-//!    source; 2. a file written into nginx is served by it on the destination; 3. redis holding
+//!    source; 2. a file written into nginx is served by it on the destination (restored through
+//!    the OCI checkpoint image, `--via-image`; the others restore from the archive); 3. redis holding
 //!    more than 200 MiB in more than 100k keys has every key and value after the move (a digest
 //!    computed inside redis), and 4. moving it back sends at most 10% of the archive; 5. the
 //!    destination daemon killed mid-transfer, and a destination without room for the
@@ -255,7 +256,6 @@ fn counter_continues_on_the_destination() {
             "precopy",
             "checkpoint",
             "transfer",
-            "assemble",
             "restore",
             "verify",
             "cleanup"
@@ -353,9 +353,21 @@ fn nginx_serves_its_file_from_the_destination() {
     wait_for("nginx on the source", Duration::from_secs(20), || {
         (fetch(b, &addr_a).0 == 0).then_some(())
     });
-    let (ok, events) = lab.migrate("web", a, b, &[]);
+    // Through the OCI checkpoint image, the way a Kubernetes node restores.
+    let (ok, events) = lab.migrate("web", a, b, &["--via-image"]);
     assert!(ok, "migration failed");
     summary(&events);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "phase" && e["phase"] == "assemble"),
+        "no assemble phase with --via-image"
+    );
+    assert_eq!(
+        lab.migration_images(b),
+        Vec::<String>::new(),
+        "checkpoint image left on {b}"
+    );
     let addr_b = lab.address(b);
     let (code, page) = fetch(a, &addr_b);
     assert_eq!(code, 0, "nginx on {b} does not answer {a}");

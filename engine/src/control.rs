@@ -62,6 +62,9 @@ pub enum Request {
     Assemble(StepRequest),
     /// Source → destination daemon: restore the container from the imported image.
     Restore(StepRequest),
+    /// Source → destination daemon: validate the final round's archive and restore the
+    /// container straight from it (`podman container restore --import`), with no image.
+    RestoreArchive(StepRequest),
     /// Source → destination daemon: check that the restored container runs.
     Verify(StepRequest),
     /// Source → destination daemon: the migration failed; remove everything it made there.
@@ -90,6 +93,10 @@ pub struct MigrateRequest {
     /// Pre-copy rounds: checkpoints taken with the container left running, sent ahead of the
     /// final frozen one. 0 turns pre-copy off.
     pub precopy: u32,
+    /// Restore through the OCI checkpoint image (assembled and imported on the destination,
+    /// as a Kubernetes node needs it) instead of straight from the archive.
+    #[serde(default)]
+    pub via_image: bool,
 }
 
 /// A migration announced to its destination.
@@ -370,6 +377,7 @@ mod tests {
             to: "10.0.0.2:7400".parse().unwrap(),
             to_node: "node2".into(),
             precopy: 1,
+            via_image: false,
         });
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains(r#""request":"migrate""#), "{json}");

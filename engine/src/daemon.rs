@@ -306,6 +306,7 @@ async fn handle(node: &Arc<Node>, request: Request) -> Reply {
         Request::StageImage(req) => d.stage_image(node, req).await,
         Request::Assemble(req) => d.assemble(node, req).await,
         Request::Restore(req) => d.restore(node, req).await,
+        Request::RestoreArchive(req) => d.restore_archive(node, req).await,
         Request::Verify(req) => d.verify(node, req).await,
         Request::Abort { migration_id } => d.abort(node, &migration_id).await,
         Request::Finish { migration_id } => d.finish(node, &migration_id).await,

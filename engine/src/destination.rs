@@ -17,9 +17,11 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 use transport::quic::{self, ReceiveOptions, ReceiveReport, TransferError};
 
+use crate::archive::Limits;
 use crate::control::{PrepareRequest, Reply, StepRequest, TransferHello, BASE_IMAGE_ROUND};
 use crate::daemon::Node;
 use crate::image::{self, ImageOptions};
+use crate::inspect;
 use crate::runtime::RuntimeError;
 
 /// An incoming migration with no request for this long is aborted.
@@ -350,6 +352,47 @@ impl Destinations {
                 let name = req.container.clone();
                 let _ = blocking(move || runtime.remove_container(&name)).await;
                 error(format!("restoring on {}: {e}", node.name))
+            }
+        }
+    }
+
+    /// Validates the final round's archive (the same checks as for an image: no absolute
+    /// paths, no `..`, no escaping links, bounded sizes, the right container) and restores the
+    /// container straight from it, then deletes it.
+    pub async fn restore_archive(&self, node: &Arc<Node>, req: StepRequest) -> Reply {
+        let (_, archive) = match self.finished_round(node, &req.migration_id, 0).await {
+            Ok(r) => r,
+            Err(reply) => return reply,
+        };
+        let runtime = node.runtime.clone();
+        let container = req.container.clone();
+        let a = archive.clone();
+        let restored = blocking(move || -> Result<String, String> {
+            let info = inspect::inspect_file(&a, &Limits::default())
+                .map_err(|e| format!("the checkpoint archive was refused: {e}"))?;
+            if info.container_name.as_deref() != Some(container.as_str()) {
+                return Err(format!(
+                    "the checkpoint archive holds container {:?}, not {container:?}",
+                    info.container_name
+                ));
+            }
+            runtime
+                .restore_in_place(&a)
+                .map_err(|e| format!("restoring: {e}"))
+        })
+        .await;
+        let _ = std::fs::remove_file(&archive);
+        match restored {
+            Ok(id) => {
+                self.touch(&req.migration_id, |inc| inc.restored = Some(id.clone()));
+                ok(serde_json::json!({ "container_id": id }))
+            }
+            Err(message) => {
+                // A failed restore can leave a created, stopped container under the name.
+                let runtime = node.runtime.clone();
+                let name = req.container.clone();
+                let _ = blocking(move || runtime.remove_container(&name)).await;
+                error(format!("{message} (on {})", node.name))
             }
         }
     }

@@ -250,10 +250,15 @@ impl Migration {
             migration_id: self.id.clone(),
             container: container.clone(),
         };
-        self.enter(Phase::Assemble, None).await;
-        self.call(Request::Assemble(step.clone())).await?;
-        self.enter(Phase::Restore, None).await;
-        self.call(Request::Restore(step.clone())).await?;
+        if self.req.via_image {
+            self.enter(Phase::Assemble, None).await;
+            self.call(Request::Assemble(step.clone())).await?;
+            self.enter(Phase::Restore, None).await;
+            self.call(Request::Restore(step.clone())).await?;
+        } else {
+            self.enter(Phase::Restore, None).await;
+            self.call(Request::RestoreArchive(step.clone())).await?;
+        }
         self.enter(Phase::Verify, None).await;
         self.call(Request::Verify(step)).await?;
         let downtime = downtime_started.elapsed().as_secs_f64();

@@ -152,8 +152,9 @@ pub trait Runtime: Send + Sync + fmt::Debug {
     /// returns the new container's ID.
     fn restore(&self, image_ref: &str, name: Option<&str>) -> Result<String, RuntimeError>;
 
-    /// Restores a container from its own checkpoint archive: the rollback when the source had
-    /// been stopped. The stopped container of the same name must be removed first. Returns its ID.
+    /// Restores a container from a checkpoint archive (`podman container restore --import`):
+    /// the rollback when the source had been stopped, and the destination's restore without an
+    /// image. No container of the same name may exist (remove a stopped one first). Returns its ID.
     fn restore_in_place(&self, archive: &Path) -> Result<String, RuntimeError>;
 
     /// Whether `container` is running; [`RuntimeError::NoSuchContainer`] if it does not exist.
