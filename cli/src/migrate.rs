@@ -41,10 +41,11 @@ pub struct MigrateArgs {
     /// The destination node.
     #[arg(long)]
     to: String,
-    /// Pre-copy rounds before the final checkpoint (the container keeps running during them);
-    /// 0 turns pre-copy off.
-    #[arg(long, default_value_t = 1)]
-    precopy: u32,
+    /// Pre-copy rounds before the final checkpoint (the container keeps running during them):
+    /// a number (0 turns pre-copy off), or `auto`: one round, none when the destination already
+    /// holds this container's chunks (it had it before).
+    #[arg(long, default_value = "auto", value_parser = parse_precopy)]
+    precopy: Precopy,
     /// Restore through an OCI checkpoint image assembled and imported on the destination (the
     /// way a Kubernetes node restores) instead of straight from the checkpoint archive.
     #[arg(long)]
@@ -59,6 +60,19 @@ pub struct MigrateArgs {
     /// One JSON object per line: every event, then the summary.
     #[arg(long)]
     json: bool,
+}
+
+/// `--precopy`: a number of rounds, or `auto` (`None`).
+#[derive(Debug, Clone, Copy)]
+struct Precopy(Option<u32>);
+
+fn parse_precopy(s: &str) -> Result<Precopy, String> {
+    if s == "auto" {
+        return Ok(Precopy(None));
+    }
+    s.parse()
+        .map(|n| Precopy(Some(n)))
+        .map_err(|_| format!("{s:?}: a number of rounds, or `auto`"))
 }
 
 fn parse_node(s: &str) -> Result<(String, SocketAddr), String> {
@@ -202,7 +216,7 @@ async fn drive(args: MigrateArgs, plan: Plan, out: &Output) -> anyhow::Result<Ex
         container: args.container.clone(),
         to: plan.to_addr,
         to_node: args.to.clone(),
-        precopy: args.precopy,
+        precopy: args.precopy.0,
         via_image: args.via_image,
     });
     control::write_message(&mut send, &request, &args.from).await?;

@@ -516,6 +516,11 @@ fn redis_keeps_every_key_and_comes_back_cheaply() {
     let (ok, events) = lab.migrate("kv", b, a, &[]);
     assert!(ok, "migration back failed");
     let back = summary(&events);
+    assert_eq!(there["precopy_rounds"], 1, "a first migration pre-copies");
+    assert_eq!(
+        back["precopy_rounds"], 0,
+        "{a} had the container before: auto pre-copy skips it"
+    );
     assert_eq!(
         redis_digest(&lab, a),
         before,

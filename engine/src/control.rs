@@ -91,8 +91,11 @@ pub struct MigrateRequest {
     /// The destination's node name; its certificate must carry it.
     pub to_node: String,
     /// Pre-copy rounds: checkpoints taken with the container left running, sent ahead of the
-    /// final frozen one. 0 turns pre-copy off.
-    pub precopy: u32,
+    /// final frozen one. 0 turns pre-copy off; `None` decides: one round, unless the
+    /// destination already holds this container's chunks (it had it before), where a round
+    /// would cost a checkpoint and save nothing.
+    #[serde(default)]
+    pub precopy: Option<u32>,
     /// Restore through the OCI checkpoint image (assembled and imported on the destination,
     /// as a Kubernetes node needs it) instead of straight from the archive.
     #[serde(default)]
@@ -111,6 +114,11 @@ pub struct PrepareRequest {
     #[serde(default)]
     pub base_image: Option<String>,
 }
+
+/// Its reply's `detail` says `"knows_container": true` when its chunk store already holds a
+/// checkpoint of a container of that name (it received or sent one), so pre-copy would not
+/// pay.
+pub const KNOWS_CONTAINER: &str = "knows_container";
 
 /// The transfer round that carries the base image (when the destination lacks it).
 pub const BASE_IMAGE_ROUND: u32 = u32::MAX;
@@ -376,7 +384,7 @@ mod tests {
             container: "web".into(),
             to: "10.0.0.2:7400".parse().unwrap(),
             to_node: "node2".into(),
-            precopy: 1,
+            precopy: Some(1),
             via_image: false,
         });
         let json = serde_json::to_string(&r).unwrap();

@@ -121,6 +121,37 @@ impl Node {
         Ok(config)
     }
 
+    /// Whether this node's store holds a checkpoint of a container named `name`.
+    pub fn knows_container(&self, name: &str) -> bool {
+        self.known_path(name).exists() && !self.store.is_empty()
+    }
+
+    /// Records that this node's store now holds a checkpoint of `name` (sent or received).
+    pub fn remember_container(&self, name: &str) {
+        let path = self.known_path(name);
+        if let Some(dir) = path.parent() {
+            let _ = private_dir(dir);
+        }
+        if let Err(e) = fs::write(&path, b"") {
+            warn!(path = %path.display(), error = %e, "could not record the container");
+        }
+    }
+
+    fn known_path(&self, name: &str) -> PathBuf {
+        // Names are `[a-zA-Z0-9][a-zA-Z0-9_.-]*` in Podman; anything else is hex-encoded.
+        let safe = if !name.is_empty()
+            && !name.starts_with('.')
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        {
+            name.to_string()
+        } else {
+            name.bytes().map(|b| format!("{b:02x}")).collect()
+        };
+        self.config.state.join("known").join(safe)
+    }
+
     /// The work folder of one migration (created 0700).
     pub fn work_dir(&self, migration_id: &str) -> std::io::Result<PathBuf> {
         let dir = self.work.join(migration_id);

@@ -18,7 +18,9 @@ use tracing::{info, warn};
 use transport::quic::{self, ReceiveOptions, ReceiveReport, TransferError};
 
 use crate::archive::Limits;
-use crate::control::{PrepareRequest, Reply, StepRequest, TransferHello, BASE_IMAGE_ROUND};
+use crate::control::{
+    PrepareRequest, Reply, StepRequest, TransferHello, BASE_IMAGE_ROUND, KNOWS_CONTAINER,
+};
 use crate::daemon::Node;
 use crate::image::{self, ImageOptions};
 use crate::inspect;
@@ -155,6 +157,7 @@ impl Destinations {
             Ok(d) => d,
             Err(e) => return error(format!("creating the work folder on {}: {e}", node.name)),
         };
+        let knows_container = node.knows_container(&req.container);
         info!(migration_id = %req.migration_id, container = %req.container, "incoming migration");
         self.inner.lock().expect("destinations lock").insert(
             req.migration_id,
@@ -167,7 +170,11 @@ impl Destinations {
                 touched: Instant::now(),
             },
         );
-        ok(serde_json::json!({ "node": node.name, "has_base_image": has_base_image }))
+        ok(serde_json::json!({
+            "node": node.name,
+            "has_base_image": has_base_image,
+            KNOWS_CONTAINER: knows_container,
+        }))
     }
 
     /// Hands a transfer connection to the receiver of its round, starting it on first contact.
@@ -480,6 +487,7 @@ impl Destinations {
             }
         }
         let _ = remove_dir(&inc.dir);
+        node.remember_container(&inc.container);
         info!(%migration_id, container = %inc.container, "incoming migration finished");
         ok(serde_json::Value::Null)
     }

@@ -23,7 +23,7 @@ use transport::tls::SERVER_NAME;
 
 use crate::control::{
     self, Event, MigrateRequest, Phase, PrepareRequest, Reply, Request, StepRequest, Summary,
-    TransferHello, BASE_IMAGE_ROUND,
+    TransferHello, BASE_IMAGE_ROUND, KNOWS_CONTAINER,
 };
 use crate::daemon::Node;
 use crate::runtime::RuntimeError;
@@ -73,7 +73,7 @@ pub async fn run(node: Arc<Node>, id: String, req: MigrateRequest, events: mpsc:
         wire_total: 0,
         keep_dir: false,
     };
-    info!(container = %m.req.container, to = %m.req.to_node, precopy = m.req.precopy, "migration started");
+    info!(container = %m.req.container, to = %m.req.to_node, precopy = ?m.req.precopy, "migration started");
     match m.forward().await {
         Ok(summary) => {
             info!(
@@ -222,7 +222,15 @@ impl Migration {
         }
 
         // Pre-copy rounds: the container keeps running; the destination's store warms up.
-        for round in 1..=self.req.precopy {
+        let precopy = self
+            .req
+            .precopy
+            .unwrap_or(if prepared[KNOWS_CONTAINER] == true {
+                0
+            } else {
+                1
+            });
+        for round in 1..=precopy {
             self.enter(Phase::Precopy, Some(round)).await;
             let started = Instant::now();
             let path = dir.join(format!("precopy-{round}.tar"));
@@ -283,6 +291,7 @@ impl Migration {
         // for these chunks (see `Node::ingesting`).
         let held = self.node.ingesting.clone().lock_owned().await;
         self.keep_chunks(&path, held);
+        self.node.remember_container(&container);
         self.close_phase();
         Ok(Summary {
             migration_id: self.id.clone(),
@@ -292,7 +301,7 @@ impl Migration {
             archive_bytes: report.input_bytes,
             wire_bytes: report.wire_bytes,
             wire_bytes_total: self.wire_total,
-            precopy_rounds: self.req.precopy,
+            precopy_rounds: precopy,
             total_seconds: self.started.elapsed().as_secs_f64(),
             downtime_seconds: downtime,
             phases: self.phases.clone(),
