@@ -357,7 +357,14 @@ impl Migration {
         let (c, p) = (self.req.container.clone(), path.to_path_buf());
         match blocking(move || runtime.checkpoint(&c, &p, leave_running)).await {
             Ok(outcome) => {
-                info!(seconds = outcome.elapsed.as_secs_f64(), frozen = ?outcome.stats.map(|s| s.frozen_time), "checkpointed");
+                let stats = outcome.stats;
+                info!(
+                    seconds = outcome.elapsed.as_secs_f64(),
+                    criu = ?stats.map(|s| s.runtime_duration),
+                    frozen = ?stats.map(|s| s.frozen_time),
+                    pages_written = ?stats.map(|s| s.pages_written),
+                    "checkpointed"
+                );
                 Ok(())
             }
             Err(e) => Err(self.fail(format!("checkpointing on {}: {e}", self.node.name))),
