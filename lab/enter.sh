@@ -18,7 +18,7 @@
 #   exec CMD with a clean environment.
 #
 # Cgroups are per node: before unsharing, the node moves itself into a new cgroup
-# <its current cgroup>/migrate-lab/<hostname> in every v1 hierarchy (nested where the caller is,
+# <its current cgroup>/migrate-lab/<netns, else hostname> in every v1 hierarchy (nested where the caller is,
 # so limits and accounting set up by whoever runs the lab still apply), then takes a cgroup
 # namespace (unshare -C) rooted there and mounts each v1 hierarchy afresh, so inside the node
 # that cgroup is "/" (NODE_DIR/node.cgroup lists them). Podman's /libpod_parent/libpod-<ID> then lands in the node's own subtree. Without
@@ -179,11 +179,14 @@ if [[ -f $NODE_DIR/node.pid ]]; then
 fi
 
 # Per-node cgroups (v1 hosts; see the header): move this process, and so everything the node
-# runs, into CURRENT/migrate-lab/NAME in every hierarchy, then unshare the cgroup namespace there.
+# runs, into CURRENT/migrate-lab/NETNS (or NAME) in every hierarchy, then unshare the cgroup namespace there.
 # The hybrid layout's cgroup2 tree (/sys/fs/cgroup/unified, no controllers) is not mounted in the
 # node, but CRIU restores a process's cgroup2 path too: the node must be rooted there as well,
 # or restored containers leave /libpod_parent/libpod-<ID> behind in the host's unified tree.
 v1=0
+# The leaf is the network namespace's name when there is one: unique per lab (it carries the
+# lab's prefix), so two labs with the same node names never share a cgroup.
+CGNAME=${NETNS:-$NAME}
 # Written as we go, so that lab/stop.sh can remove what a failed start created.
 : >"$NODE_DIR/node.cgroup"
 while read -r t type opts; do
@@ -198,7 +201,7 @@ while read -r t type opts; do
     [[ $cur == /* ]] || die "cannot find this process's cgroup for hierarchy $t ($opts)"
     cur=${cur%/}
     [[ $cur == */migrate-lab/* ]] && die "already inside a lab node's cgroup ($t$cur): run from the host"
-    for d in "$t$cur/migrate-lab" "$t$cur/migrate-lab/$NAME"; do
+    for d in "$t$cur/migrate-lab" "$t$cur/migrate-lab/$CGNAME"; do
         mkdir -p "$d" || die "cannot create cgroup $d"
         # A new v1 cpuset cgroup has no CPUs or memory nodes: copy the parent's.
         if [[ -f $d/cpuset.cpus && -z $(<"$d/cpuset.cpus") ]]; then
@@ -206,8 +209,8 @@ while read -r t type opts; do
             cat "$(dirname "$d")/cpuset.mems" >"$d/cpuset.mems"
         fi
     done
-    echo "$t$cur/migrate-lab/$NAME" >>"$NODE_DIR/node.cgroup"
-    echo $$ >"$t$cur/migrate-lab/$NAME/cgroup.procs" || die "cannot move into cgroup $t$cur/migrate-lab/$NAME"
+    echo "$t$cur/migrate-lab/$CGNAME" >>"$NODE_DIR/node.cgroup"
+    echo $$ >"$t$cur/migrate-lab/$CGNAME/cgroup.procs" || die "cannot move into cgroup $t$cur/migrate-lab/$CGNAME"
     if [[ $type == cgroup ]]; then v1=$((v1 + 1)); fi
 done < <(findmnt -rn -t cgroup,cgroup2 -o TARGET,FSTYPE,FS-OPTIONS | grep '^/sys/fs/cgroup/')
 ((v1)) || die "no cgroup v1 hierarchy under /sys/fs/cgroup: only the cgroup v1 (hybrid) \

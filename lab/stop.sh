@@ -3,7 +3,7 @@
 #
 # Kills the node's init (NODE_DIR/node.pid; with the node's PID namespace, the kernel then
 # kills every process of the node: conmon, containers), waits for it, and removes the node's
-# cgroup subtrees (.../migrate-lab/NAME, listed in NODE_DIR/node.cgroup), deepest first. Its
+# cgroup subtrees (.../migrate-lab/NETNS, listed in NODE_DIR/node.cgroup), deepest first. Its
 # mounts lived only in its mount namespace and are gone with its processes. NODE_DIR itself (the
 # node's podman storage) is kept; remove it with `rm -rf --one-file-system NODE_DIR` if wanted.
 # Safe to run twice, or on a node that never started.

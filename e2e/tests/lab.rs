@@ -413,3 +413,29 @@ fn lab_images_nginx_and_redis_serve_across_nodes() {
     lab::down(&opts).expect("lab down");
     assert_gone(&opts, &state, &cgroups);
 }
+
+/// Two labs whose nodes have the same names (a user's and a test's, say) do not share
+/// anything: each node's cgroup carries its lab's namespace prefix, so taking one lab down
+/// leaves the other running.
+#[test]
+fn two_labs_with_the_same_node_names_coexist() {
+    require_lab("two_labs_with_the_same_node_names_coexist");
+    let names = vec!["twin1".to_string()];
+    let (first, second) = (options("d"), options("e"));
+    let state1 = lab::up(&names, &first).expect("first lab up").state;
+    let state2 = lab::up(&names, &second).expect("second lab up").state;
+    let (cg1, cg2) = (node_cgroups(&state1), node_cgroups(&state2));
+    for cg in &cg1 {
+        assert!(!cg2.contains(cg), "both labs use cgroup {cg}");
+    }
+    lab::down(&first).expect("first lab down");
+    assert_gone(&first, &state1, &cg1);
+    assert!(
+        state2.nodes[0].alive(),
+        "the second lab's node died with the first lab"
+    );
+    let (code, out) = run(&second, "twin1", &["hostname"]);
+    assert_eq!((code, out.trim()), (0, "twin1"));
+    lab::down(&second).expect("second lab down");
+    assert_gone(&second, &state2, &cg2);
+}
