@@ -6,9 +6,10 @@
 //! with its id (blake3 of the raw bytes), its length and whether it is all zeros. Because cut
 //! points depend on content only, an insertion near the start of an archive moves a few chunk
 //! boundaries and leaves later chunks, and hence their ids, unchanged: that is what makes
-//! deduplication against earlier transfers work. The blake3 of the whole stream is computed in
-//! the same pass, so the source never reads an archive twice. Memory stays bounded by the
-//! buffer (one mebibyte) plus the spans the caller keeps, whatever the stream length.
+//! deduplication against earlier transfers work. There is no hash of the whole stream: the
+//! transfer names a stream by its manifest digest ([`crate::ManifestDigest`]), so each byte is
+//! hashed once, for its chunk id. Memory stays bounded by the buffer (one mebibyte) plus the
+//! spans the caller keeps, whatever the stream length.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -91,7 +92,7 @@ enum State {
 
 /// Cuts a stream into content-defined chunks; an iterator of [`Span`]s.
 ///
-/// After the iterator returns `None`, [`Chunker::finish`] gives the stream's length and hash.
+/// After the iterator returns `None`, [`Chunker::finish`] gives the stream's length.
 /// A read error is yielded once as `Some(Err(_))`; iteration then ends and `finish` stays
 /// `None`, since the stream was not seen whole. Reads interrupted by a signal are retried.
 pub struct Chunker<R: Read> {
@@ -105,12 +106,10 @@ pub struct Chunker<R: Read> {
     /// Offset in the stream of `buf[start]`.
     offset: u64,
     masks: Masks,
-    /// Hash of every byte yielded so far, in order.
-    whole: blake3::Hasher,
     /// Id of an all-zero chunk, by length: zero runs give the same few lengths over and over.
     zero_ids: HashMap<u32, ChunkId>,
     state: State,
-    total: Option<(u64, ChunkId)>,
+    total: Option<u64>,
 }
 
 impl<R: Read> fmt::Debug for Chunker<R> {
@@ -135,17 +134,16 @@ impl<R: Read> Chunker<R> {
             eof: false,
             offset: 0,
             masks: Masks::new(),
-            whole: blake3::Hasher::new(),
             zero_ids: HashMap::new(),
             state: State::Running,
             total: None,
         }
     }
 
-    /// After the iterator is exhausted: total bytes and blake3 of the whole stream.
+    /// After the iterator is exhausted: total bytes of the stream.
     ///
     /// `None` until the end of the stream was reached, and after a read error.
-    pub fn finish(&self) -> Option<(u64, ChunkId)> {
+    pub fn finish(&self) -> Option<u64> {
         self.total
     }
 
@@ -187,7 +185,6 @@ impl<R: Read> Chunker<R> {
         let len = self.masks.cut(window);
         let data = window[..len].to_vec();
         self.start += len;
-        self.whole.update(&data);
         let len32 = u32::try_from(len).expect("FastCDC never cuts beyond MAX_CHUNK_LEN");
         let zero = is_zero(&data);
         let id = if zero {
@@ -223,7 +220,7 @@ impl<R: Read> Iterator for Chunker<R> {
             Ok(Some(span)) => Some(Ok(span)),
             Ok(None) => {
                 self.state = State::Done;
-                self.total = Some((self.offset, ChunkId(*self.whole.finalize().as_bytes())));
+                self.total = Some(self.offset);
                 None
             }
             Err(e) => {
@@ -407,7 +404,7 @@ mod tests {
     }
 
     #[test]
-    fn finish_hashes_the_whole_stream() {
+    fn finish_gives_the_stream_length() {
         let data = noise(1024 * 1024 + 3, 7);
         let mut chunker = Chunker::new(&data[..]);
         let mut count = 0;
@@ -417,10 +414,7 @@ mod tests {
             count += 1;
         }
         assert!(count > 1);
-        assert_eq!(
-            chunker.finish(),
-            Some((data.len() as u64, ChunkId::of(&data)))
-        );
+        assert_eq!(chunker.finish(), Some(data.len() as u64));
         assert!(chunker.next().is_none(), "fused after the end");
     }
 
@@ -428,7 +422,7 @@ mod tests {
     fn empty_input() {
         let mut chunker = Chunker::new(io::empty());
         assert!(chunker.next().is_none());
-        assert_eq!(chunker.finish(), Some((0, ChunkId::of(&[]))));
+        assert_eq!(chunker.finish(), Some(0));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The wire format, version 1: typed, length-prefixed frames with hard bounds on every length.
+//! The wire format, version 2: typed, length-prefixed frames with hard bounds on every length.
 //!
 //! Every frame is a one-byte type, a `u32` payload length, then exactly that many payload bytes.
 //! All integers are little-endian. No payload is longer than [`MAX_FRAME_PAYLOAD`], and each type
@@ -13,7 +13,7 @@
 //! | `0x03` | `Manifest` | first_index `u64`, count `u32`, then count × (id `[u8; 32]`, len `u32`, flags `u8`) | 12 + 37 × count    |
 //! | `0x04` | `Need`     | first_index `u64`, count `u32`, bitmap of ⌈count / 8⌉ bytes                      | 12 + ⌈count / 8⌉     |
 //! | `0x05` | `Chunk`    | id `[u8; 32]`, raw_len `u32`, encoding `u8`, then the encoded chunk bytes        | 38 ..= 524288        |
-//! | `0x06` | `End`      | total_len `u64`, entries `u64`, stream_hash `[u8; 32]`                           | 48                   |
+//! | `0x06` | `End`      | total_len `u64`, entries `u64`, manifest_digest `[u8; 32]`                       | 48                   |
 //! | `0x07` | `Done`     | bytes_written `u64`, chunks_received `u64`                                       | 16                   |
 //! | `0x08` | `Abort`    | code `u16`, message (UTF-8)                                                      | 2 ..= 1026           |
 //!
@@ -27,8 +27,18 @@
 //!   that entry `first_index + i` is needed; the unused bits of the last byte must be 0.
 //! - `Chunk`: `raw_len` is `1..=MAX_CHUNK_LEN`; `encoding` is 0 (raw) or 1 (zstd); the encoded
 //!   bytes are never empty, and for raw encoding their length equals `raw_len`.
+//! - `End`: `manifest_digest` is the [`crate::ManifestDigest`] of every entry the `Manifest`
+//!   frames listed, in order, with its offset in the stream (the encoding is documented in
+//!   [`crate::id`]); the receiver refuses the stream when the digest of what it assembled
+//!   differs.
 //! - `Abort`: the message is at most [`MAX_ABORT_MESSAGE`] bytes of valid UTF-8.
 //! - An unknown type, or a payload with bytes missing or left over, is an error.
+//!
+//! Versions: 1 carried in `End` the blake3 of the whole stream, which made the sender hash
+//! every byte twice (chunk ids and the stream) and the receiver read the whole output back to
+//! hash it again; 2 carries the manifest digest instead. The frame layouts are otherwise
+//! unchanged, so it is the version in `Hello` and `Welcome` that keeps a version-1 peer from
+//! being misunderstood: it is refused with an `Abort` of code [`AbortCode::Version`].
 //!
 //! A decoding error leaves the buffer untouched, but the stream cannot be resynchronised after
 //! one: the connection should be aborted.
@@ -39,7 +49,7 @@ use thiserror::Error;
 use crate::{ChunkId, ManifestEntry, MAX_CHUNK_LEN};
 
 /// The protocol version this module speaks, as sent in `Hello` and `Welcome`.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// The first four payload bytes of every `Hello`.
 pub const MAGIC: [u8; 4] = *b"MGRT";
 /// The largest payload any frame may declare.
@@ -97,7 +107,7 @@ pub enum FrameError {
     },
     /// The type byte names no frame of this protocol version.
     #[error(
-        "unknown frame type {0:#04x}: the peer is not speaking protocol version 1 \
+        "unknown frame type {0:#04x}: the peer is not speaking protocol version {VERSION} \
          or the stream is out of step"
     )]
     UnknownType(u8),
@@ -164,7 +174,8 @@ pub enum AbortCode {
     Version,
     /// A chunk failed to decode or had the wrong length (code 3).
     BadChunk,
-    /// A chunk or the whole stream did not hash to what was announced (code 4).
+    /// A chunk did not hash to its id, or the manifest the receiver assembled does not have
+    /// the digest the sender announced (code 4).
     HashMismatch,
     /// The receiver ran out of disk space (code 5).
     NoSpace,
@@ -283,8 +294,8 @@ pub enum Frame {
         total_len: u64,
         /// Manifest entries in the stream.
         entries: u64,
-        /// Hash of the whole stream.
-        stream_hash: ChunkId,
+        /// [`crate::ManifestDigest`] of the stream's manifest, offsets included.
+        manifest_digest: ChunkId,
     },
     /// Receiver to sender: everything is written and verified.
     Done {
@@ -472,11 +483,11 @@ impl Frame {
             Frame::End {
                 total_len,
                 entries,
-                stream_hash,
+                manifest_digest,
             } => {
                 out.put_u64_le(*total_len);
                 out.put_u64_le(*entries);
-                out.put_slice(&stream_hash.0);
+                out.put_slice(&manifest_digest.0);
             }
             Frame::Done {
                 bytes_written,
@@ -626,12 +637,12 @@ fn parse_payload(frame_type: u8, payload: &[u8]) -> Result<Frame, FrameError> {
             let mut r = Reader::new("End", payload);
             let total_len = r.u64("the total length")?;
             let entries = r.u64("the entry count")?;
-            let stream_hash = ChunkId(r.array::<32>("the stream hash")?);
+            let manifest_digest = ChunkId(r.array::<32>("the manifest digest")?);
             r.finish()?;
             Ok(Frame::End {
                 total_len,
                 entries,
-                stream_hash,
+                manifest_digest,
             })
         }
         TYPE_DONE => {
@@ -1013,7 +1024,7 @@ mod tests {
             Frame::End {
                 total_len: 1 << 40,
                 entries: 17,
-                stream_hash: id(0xee),
+                manifest_digest: id(0xee),
             },
             Frame::Done {
                 bytes_written: 1 << 40,
@@ -1075,6 +1086,26 @@ mod tests {
             message: "full".into(),
         });
         assert_eq!(&abort[..], &[8, 6, 0, 0, 0, 5, 0, b'f', b'u', b'l', b'l']);
+        let end = encode(&Frame::End {
+            total_len: 0x0102,
+            entries: 3,
+            manifest_digest: id(0xab),
+        });
+        let mut expected = vec![
+            6, 48, 0, 0, 0, 2, 1, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        expected.extend_from_slice(&[0xab; 32]);
+        assert_eq!(&end[..], &expected[..]);
+    }
+
+    #[test]
+    fn version_2_names_the_manifest_digest() {
+        // Version 1 put the whole-stream hash where the manifest digest is: same layout, other
+        // meaning, so the version had to change.
+        assert_eq!(VERSION, 2);
+        assert!(FrameError::UnknownType(0x42)
+            .to_string()
+            .contains("protocol version 2"));
     }
 
     #[test]

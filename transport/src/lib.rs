@@ -1,7 +1,8 @@
 //! Moves a checkpoint archive from one node to another, sending each distinct chunk once, ever.
 //!
 //! Layout, from the bytes up:
-//! - [`id`]: chunk ids (blake3 of the raw bytes) and manifest entries.
+//! - [`id`]: chunk ids (blake3 of the raw bytes), manifest entries and the manifest digest
+//!   that names a whole stream by its entries.
 //! - [`chunker`]: content-defined chunking (FastCDC) of a file into manifest entries.
 //! - [`codec`]: per-chunk zstd compression and the verification of a received chunk.
 //! - [`store`]: the on-disk, content-addressed chunk store kept across transfers.
@@ -21,7 +22,7 @@ pub mod quic;
 pub mod store;
 pub mod tls;
 
-pub use id::{ChunkId, ManifestEntry};
+pub use id::{ChunkId, ManifestDigest, ManifestEntry};
 
 /// Smallest chunk FastCDC cuts (except the last one of a stream).
 pub const MIN_CHUNK_LEN: u32 = 16 * 1024;

@@ -1,6 +1,7 @@
 //! Whole transfers over real QUIC on the loopback: a clean transfer and its deduplicated
 //! repeat, a connection that goes dark mid-transfer and resumes, a sender with a foreign
-//! certificate, and hostile peers that send a bad chunk or a malformed frame. Every wait has a
+//! certificate, hostile peers that send a bad chunk, a malformed frame or a wrong manifest
+//! digest, and a receiver whose chunk store holds a corrupted chunk. Every wait has a
 //! deadline; nothing sleeps to synchronise.
 
 mod common;
@@ -18,12 +19,13 @@ use tempfile::TempDir;
 use tokio::net::UdpSocket;
 use tokio::time::timeout;
 use transport::chunker::Chunker;
-use transport::frame::{Frame, VERSION};
+use transport::frame::{AbortCode, Frame, VERSION};
+use transport::ingest::ingest_file;
 use transport::protocol::ProtocolError;
 use transport::quic::{self, ReceiveOptions, SendOptions, TransferError};
 use transport::store::DiskStore;
 use transport::tls::{init_certs, NodeIdentity, SERVER_NAME};
-use transport::{ChunkId, ManifestEntry};
+use transport::{ChunkId, ManifestDigest, ManifestEntry};
 
 static SEND: std::sync::LazyLock<SendOptions> = std::sync::LazyLock::new(SendOptions::default);
 static RECEIVE: std::sync::LazyLock<ReceiveOptions> =
@@ -356,6 +358,140 @@ async fn a_decompression_bomb_is_refused() {
         matches!(err, TransferError::Protocol(ProtocolError::Local { .. })),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_with_another_manifest_digest_is_refused() {
+    // One zero entry, listed correctly, then an End whose digest names another manifest.
+    let zeros = ManifestEntry {
+        id: ChunkId::of(&[0u8; 4096]),
+        len: 4096,
+        zero: true,
+    };
+    let mut other = ManifestDigest::new();
+    other.push(1, &zeros);
+    let err = hostile_session(
+        vec![
+            Frame::Hello {
+                version: VERSION,
+                stream_len: 4096,
+            },
+            Frame::Manifest {
+                first_index: 0,
+                entries: vec![zeros],
+            },
+            Frame::End {
+                total_len: 4096,
+                entries: 1,
+                manifest_digest: other.digest(),
+            },
+        ],
+        &[],
+        vec![],
+    )
+    .await;
+    let mut placed = ManifestDigest::new();
+    placed.push(0, &zeros);
+    match err {
+        TransferError::Protocol(ProtocolError::ManifestMismatch { expected, actual }) => {
+            assert_eq!(expected, other.digest());
+            assert_eq!(actual, placed.digest());
+        }
+        other => panic!("expected a manifest digest mismatch, got {other}"),
+    }
+}
+
+/// Flips a byte in the payload of `id`'s record in the store's committed packs (the layout is
+/// documented in `transport::store`: magic `CKR1`, id, encoding, raw length, payload length,
+/// payload). Returns how many records it damaged.
+fn corrupt_stored_chunk(store_root: &Path, id: &ChunkId) -> usize {
+    let mut damaged = 0;
+    for pack in std::fs::read_dir(store_root.join("packs")).unwrap() {
+        let path = pack.unwrap().path();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mut from = 0;
+        while let Some(at) = bytes[from..].windows(32).position(|w| w == id.0) {
+            let id_at = from + at;
+            from = id_at + 32;
+            if id_at < 4 || &bytes[id_at - 4..id_at] != b"CKR1" {
+                continue; // the id's bytes inside some payload, not a record header
+            }
+            let len_at = id_at + 32 + 1 + 4;
+            let payload_len =
+                u32::from_le_bytes(bytes[len_at..len_at + 4].try_into().unwrap()) as usize;
+            bytes[len_at + 4 + payload_len / 2] ^= 0x5a;
+            damaged += 1;
+        }
+        if damaged > 0 {
+            std::fs::write(&path, &bytes).unwrap();
+        }
+    }
+    damaged
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_whose_store_holds_a_corrupted_chunk_refuses_to_produce_the_output() {
+    let lab = Lab::new();
+    let src = lab.path("src.bin");
+    write_source(&src, 8 << 20, 5);
+    let store = lab.store();
+    // The receiver already holds every chunk of the file, so nothing but the manifest comes
+    // over the wire and every byte of the output would be copied from the store...
+    let ingested = ingest_file(&store, &src, 1).unwrap();
+    assert!(ingested.chunks_added > 2);
+    // ...but one chunk's record rotted on disk since. The store only notices when it reads it.
+    let victim = Chunker::new(std::fs::File::open(&src).unwrap())
+        .map(|s| s.unwrap().entry)
+        .filter(|e| !e.zero)
+        .nth(1)
+        .unwrap();
+    assert_eq!(corrupt_stored_chunk(store.root(), &victim.id), 1);
+    assert!(store.contains(&victim.id), "the index still lists it");
+
+    let server =
+        quic::server_endpoint(&lab.receiver, loopback(), quic::DEFAULT_IDLE_TIMEOUT).unwrap();
+    let addr = server.local_addr().unwrap();
+    let client = quic::client_endpoint(&lab.sender, None, quic::DEFAULT_IDLE_TIMEOUT).unwrap();
+    let out = lab.path("out.bin");
+    let receiving = quic::receive_file(&server, store.clone(), &out, &RECEIVE);
+    let sending = quic::send_file(&client, addr, &src, &SEND);
+    let (received, sent) = timeout(DEADLINE, async { tokio::join!(receiving, sending) })
+        .await
+        .unwrap();
+    match received.unwrap_err() {
+        TransferError::Protocol(ProtocolError::Local { code, message }) => {
+            assert_eq!(code, AbortCode::Io);
+            assert!(message.contains(&victim.id.to_string()), "{message}");
+            assert!(message.contains("failed verification"), "{message}");
+        }
+        other => panic!("expected the store copy to fail, got {other}"),
+    }
+    match sent.unwrap_err() {
+        TransferError::Protocol(ProtocolError::PeerAborted { code, message }) => {
+            assert_eq!(code, AbortCode::Io);
+            assert!(message.contains(&victim.id.to_string()), "{message}");
+        }
+        other => panic!("the sender should hear why: {other}"),
+    }
+    assert!(
+        !out.exists() && !lab.path("out.bin.partial").exists(),
+        "no output from a store that failed verification"
+    );
+    assert!(
+        !store.contains(&victim.id),
+        "the corrupt record left the index"
+    );
+
+    // The next attempt fetches that one chunk and completes.
+    let receiving = quic::receive_file(&server, store.clone(), &out, &RECEIVE);
+    let sending = quic::send_file(&client, addr, &src, &SEND);
+    let (received, sent) = timeout(DEADLINE, async { tokio::join!(receiving, sending) })
+        .await
+        .unwrap();
+    let (received, sent) = (received.unwrap(), sent.unwrap());
+    assert_eq!(sent.chunks_sent, 1);
+    assert_eq!(received.chunks_received, 1);
+    assert!(same_file(&src, &out));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,9 +1,9 @@
 //! The transfer protocol as two state machines, [`Sender`] and [`Receiver`], that do no IO.
 //!
-//! They exchange [`Frame`]s and tell their driver what to do next; the driver (see
-//! [`crate::quic`]) owns the sockets, files, threads and the clock. This split, the quinn-proto
-//! way, is what lets `tests.rs` run a whole transfer over a simulated, reordering and failing link
-//! with a fake clock, and what keeps the quinn glue thin.
+//! They exchange [`Frame`](crate::frame::Frame)s and tell their driver what to do next; the
+//! driver (see [`crate::quic`]) owns the sockets, files, threads and the clock. This split, the
+//! quinn-proto way, is what lets `tests.rs` run a whole transfer over a simulated, reordering
+//! and failing link with a fake clock, and what keeps the quinn glue thin.
 //!
 //! One transfer, on one control stream plus any number of chunk streams:
 //!
@@ -14,9 +14,34 @@
 //!                               ◀─────────  Welcome{version}
 //!                               ◀─────────  Need{first_index, needed}
 //!   Chunk{id, ..} (chunk streams) ───────▶  verify, store, write at every offset
-//!   End{total_len, entries, hash} ───────▶  when every chunk is in: check the whole-stream hash
+//!   End{total_len, entries, digest} ─────▶  check the manifest digest at once, then wait for
+//!                                           the last chunks and writes
 //!                               ◀─────────  Done{bytes_written, ..} or Abort{code, message}
 //! ```
+//!
+//! ## What `Done` vouches for
+//!
+//! Nothing hashes the whole stream (wire version 1 did, twice: the sender over every byte
+//! beside the chunk ids, the receiver by reading its output back). Instead, each byte the
+//! receiver's driver writes has been checked against its manifest entry, and the manifest
+//! itself against the sender's:
+//! - a received chunk is decoded into at most its declared length and hashed against its id
+//!   before it is stored or written ([`crate::codec::decode_verified`]); its length was checked
+//!   against the manifest when it was admitted ([`Receiver::accept_chunk`]);
+//! - a chunk copied from the store is decoded and hashed against its id as it is read
+//!   ([`crate::store::DiskStore::get`]; a corrupt record reads as missing and fails the
+//!   transfer), and its length checked against the manifest by the driver;
+//! - a zero entry is never written (the output is created empty, so it reads back as zeros),
+//!   and its id must be the hash of that many zero bytes ([`ProtocolError::BadZeroEntry`]), so
+//!   the sender cannot flag other data as zeros;
+//! - both sides compute the [`crate::ManifestDigest`] of the manifest, the sender over the
+//!   entries it chunked with their source offsets, the receiver over the entries it placed
+//!   with their output offsets; the receiver refuses an `End` whose digest differs
+//!   ([`ProtocolError::ManifestMismatch`]), so entries lost, reordered, altered or placed
+//!   elsewhere are caught;
+//! - the driver counts the bytes it wrote from chunks and [`Receiver::finish`] refuses a
+//!   count other than the manifest's non-zero bytes ([`ProtocolError::Incomplete`]): a write
+//!   that went missing is caught without reading the output back.
 //!
 //! The sender keeps at most `max_batches_in_flight` manifest batches unanswered, so neither side
 //! waits for the whole manifest and neither holds more than a window of it. Resume needs no
@@ -93,13 +118,42 @@ pub enum ProtocolError {
     /// `End` disagrees with the manifest that was received.
     #[error("end of stream does not match the manifest: {0}")]
     EndMismatch(String),
-    /// The reassembled stream does not hash to what the sender computed.
-    #[error("whole-stream hash mismatch: sender computed {expected}, receiver wrote {actual}")]
-    HashMismatch {
-        /// Sender's hash.
+    /// The manifest the receiver assembled the stream from does not have the digest the
+    /// sender computed over the manifest it meant.
+    #[error(
+        "manifest digest mismatch: the sender's manifest digest is {expected}, the manifest the \
+         receiver assembled has {actual}; entries were lost, reordered or altered between the two \
+         ends, so the output is refused"
+    )]
+    ManifestMismatch {
+        /// The sender's digest, from `End`.
         expected: ChunkId,
-        /// Hash of what was written.
+        /// The digest of the entries the receiver placed.
         actual: ChunkId,
+    },
+    /// A manifest entry is flagged all-zero but its id is not the hash of that many zeros.
+    #[error(
+        "manifest entry {index} is flagged all-zero but its id {id} is not the blake3 of {len} \
+         zero bytes: the sender's manifest is wrong"
+    )]
+    BadZeroEntry {
+        /// Stream index of the entry.
+        index: u64,
+        /// Its length.
+        len: u32,
+        /// The id it carries.
+        id: ChunkId,
+    },
+    /// The receiver's driver wrote fewer (or more) chunk bytes than the manifest places.
+    #[error(
+        "the receiver wrote {written} bytes of chunk data but the manifest places {expected}: a \
+         write went missing, so the output is refused"
+    )]
+    Incomplete {
+        /// Bytes of the manifest's non-zero entries, each occurrence counted.
+        expected: u64,
+        /// Bytes the driver reported written.
+        written: u64,
     },
     /// Nothing arrived from the peer for too long.
     #[error("no progress from the peer for {after:?} while waiting for {waiting_for}: is the peer alive and reachable?")]
@@ -141,7 +195,8 @@ impl ProtocolError {
     pub fn abort_code(&self) -> AbortCode {
         match self {
             ProtocolError::Version { .. } => AbortCode::Version,
-            ProtocolError::HashMismatch { .. } => AbortCode::HashMismatch,
+            ProtocolError::ManifestMismatch { .. } => AbortCode::HashMismatch,
+            ProtocolError::Incomplete { .. } => AbortCode::Io,
             ProtocolError::ChunkLength { .. } | ProtocolError::UnexpectedChunk(_) => {
                 AbortCode::BadChunk
             }

@@ -1,13 +1,19 @@
 //! The receiving side of one transfer session: answers each manifest batch with what it lacks,
 //! admits only the chunks it asked for, tells its driver where every chunk goes in the output,
-//! and confirms the stream once the whole-stream hash checks.
+//! digests the manifest as it places its entries, refuses an `End` whose manifest digest
+//! differs, and confirms the stream once its driver has written every chunk byte.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::ProtocolError;
 use crate::frame::{Frame, VERSION};
-use crate::{ChunkId, ManifestEntry};
+use crate::{ChunkId, ManifestDigest, ManifestEntry, MAX_CHUNK_LEN};
+
+/// Zero bytes to hash a zero entry's expected id from.
+static ZEROS: [u8; MAX_CHUNK_LEN as usize] = [0; MAX_CHUNK_LEN as usize];
+/// Most zero-entry lengths whose id is remembered; real streams use a handful.
+const MAX_ZERO_IDS: usize = 4096;
 
 /// Tuning for a [`Receiver`].
 #[derive(Debug, Clone)]
@@ -54,10 +60,10 @@ pub struct ReceiverStats {
 enum Phase {
     AwaitHello,
     Streaming,
-    /// `End` received; chunks may still be arriving.
+    /// `End` received and its manifest digest checked; chunks may still be arriving.
     Ending,
-    /// Every chunk is in; the driver is checking the whole-stream hash.
-    Verifying,
+    /// Every chunk is in; the driver finishes its writes, sizes the output and calls `finish`.
+    Finishing,
     Done,
     Failed,
 }
@@ -73,7 +79,7 @@ struct Pending {
 
 /// The receiver's state machine. Feed it control frames with [`Receiver::handle_frame`] and
 /// chunk headers with [`Receiver::accept_chunk`]; drain [`Receiver::poll_transmit`] and
-/// [`Receiver::poll_copy`]; call [`Receiver::finish`] once [`Receiver::ready_to_verify`].
+/// [`Receiver::poll_copy`]; call [`Receiver::finish`] once [`Receiver::ready_to_finish`].
 #[derive(Debug)]
 pub struct Receiver {
     config: ReceiverConfig,
@@ -85,10 +91,14 @@ pub struct Receiver {
     /// Chunks stored during this session (the store's index may also say so; this avoids
     /// asking it while a put is still in flight).
     received: HashSet<ChunkId>,
-    end: Option<(u64, ChunkId)>,
-    /// Runs of zero chunks as (offset, len), adjacent ones merged: never written, so the final
-    /// hash feeds zeros for them instead of reading holes back.
-    zero_runs: Vec<(u64, u64)>,
+    /// The total length from `End`, once it arrived and checked.
+    end: Option<u64>,
+    /// Digest of the entries placed so far, each with the offset it was placed at.
+    digest: ManifestDigest,
+    /// Bytes of non-zero entries placed (each occurrence): what the driver must write.
+    data_bytes: u64,
+    /// The id of `len` zero bytes, by `len`, for the zero entries seen.
+    zero_ids: HashMap<u32, ChunkId>,
     transmit: VecDeque<Frame>,
     copies: VecDeque<StoreCopy>,
     last_heard: Instant,
@@ -108,7 +118,9 @@ impl Receiver {
             pending: HashMap::new(),
             received: HashSet::new(),
             end: None,
-            zero_runs: Vec::new(),
+            digest: ManifestDigest::new(),
+            data_bytes: 0,
+            zero_ids: HashMap::new(),
             transmit: VecDeque::new(),
             copies: VecDeque::new(),
             last_heard: now,
@@ -172,7 +184,7 @@ impl Receiver {
                 Frame::End {
                     total_len,
                     entries,
-                    stream_hash,
+                    manifest_digest,
                 },
             ) => {
                 if entries != self.next_index {
@@ -187,9 +199,16 @@ impl Receiver {
                         self.listed, self.stream_len
                     )));
                 }
-                self.end = Some((total_len, stream_hash));
+                let actual = self.digest.digest();
+                if manifest_digest != actual {
+                    return Err(ProtocolError::ManifestMismatch {
+                        expected: manifest_digest,
+                        actual,
+                    });
+                }
+                self.end = Some(total_len);
                 self.phase = Phase::Ending;
-                self.maybe_verifying();
+                self.maybe_finishing();
                 Ok(())
             }
             (_, Frame::Abort { code, message }) => {
@@ -225,14 +244,22 @@ impl Receiver {
                     listed: self.listed,
                 });
             }
+            self.digest.push(offset, entry);
             if entry.zero {
-                // The output is created empty and sized at the end: zeros cost nothing.
-                match self.zero_runs.last_mut() {
-                    Some((start, len)) if *start + *len == offset => *len += entry.len as u64,
-                    _ => self.zero_runs.push((offset, entry.len as u64)),
+                // The output is created empty and sized at the end: zeros cost nothing. The
+                // zeros it reads back are this entry's bytes only if its id says so.
+                if entry.id != self.zero_id(entry.len) {
+                    return Err(ProtocolError::BadZeroEntry {
+                        index: first_index + i as u64,
+                        len: entry.len,
+                        id: entry.id,
+                    });
                 }
                 self.stats.chunks_reused += 1;
-            } else if let Some(p) = self.pending.get_mut(&entry.id) {
+                continue;
+            }
+            self.data_bytes += u64::from(entry.len);
+            if let Some(p) = self.pending.get_mut(&entry.id) {
                 if p.len != entry.len {
                     return Err(ProtocolError::ChunkLength {
                         id: entry.id,
@@ -273,10 +300,23 @@ impl Receiver {
         Ok(())
     }
 
+    /// The id of `len` zero bytes.
+    fn zero_id(&mut self, len: u32) -> ChunkId {
+        if let Some(id) = self.zero_ids.get(&len) {
+            return *id;
+        }
+        // The frame decoder bounds a manifest entry's length to MAX_CHUNK_LEN.
+        let id = ChunkId::of(&ZEROS[..(len as usize).min(ZEROS.len())]);
+        if self.zero_ids.len() < MAX_ZERO_IDS {
+            self.zero_ids.insert(len, id);
+        }
+        id
+    }
+
     /// Queues a copy from the store, merging with the previous one for runs of the same chunk.
     fn push_copy(&mut self, entry: &ManifestEntry, offset: u64) {
         if let Some(last) = self.copies.back_mut() {
-            if last.id == entry.id {
+            if last.id == entry.id && last.len == entry.len {
                 last.offsets.push(offset);
                 return;
             }
@@ -327,43 +367,52 @@ impl Receiver {
         };
         self.received.insert(*id);
         self.stats.chunks_received += 1;
-        self.maybe_verifying();
+        self.maybe_finishing();
         p.offsets
     }
 
-    fn maybe_verifying(&mut self) {
+    fn maybe_finishing(&mut self) {
         if self.phase == Phase::Ending && self.pending.is_empty() {
-            self.phase = Phase::Verifying;
+            self.phase = Phase::Finishing;
         }
     }
 
-    /// True once `End` arrived and every chunk is in: the driver should drain its writes, hash
-    /// the output and call [`Receiver::finish`].
-    pub fn ready_to_verify(&self) -> bool {
-        self.phase == Phase::Verifying
-    }
-
-    /// The zero runs of the stream so far, as (offset, len), in order and merged.
-    pub fn zero_runs(&self) -> &[(u64, u64)] {
-        &self.zero_runs
+    /// True once `End` arrived (its manifest digest checked) and every chunk is in: the driver
+    /// should drain its writes and copies, size the output to [`Receiver::total_len`] (zero
+    /// entries were never written) and call [`Receiver::finish`].
+    pub fn ready_to_finish(&self) -> bool {
+        self.phase == Phase::Finishing
     }
 
     /// The total length from `End`, once known.
     pub fn total_len(&self) -> Option<u64> {
-        self.end.map(|(len, _)| len)
+        self.end
     }
 
-    /// The driver hashed the complete output. Queues `Done`, or fails on a mismatch.
-    pub fn finish(&mut self, actual: ChunkId) -> Result<(), ProtocolError> {
-        let Some((total_len, expected)) = self.end.filter(|_| self.phase == Phase::Verifying)
-        else {
+    /// Bytes of the non-zero entries placed so far, each occurrence counted: once
+    /// [`Receiver::ready_to_finish`], what the driver must have written from chunks.
+    pub fn data_bytes(&self) -> u64 {
+        self.data_bytes
+    }
+
+    /// The driver has written every chunk at every offset it was given, `written` bytes in
+    /// all, and sized the output. Queues `Done`, or fails with [`ProtocolError::Incomplete`]
+    /// when `written` is not the manifest's non-zero bytes.
+    pub fn finish(&mut self, written: u64) -> Result<(), ProtocolError> {
+        if let Some(e) = &self.error {
+            return Err(e.clone());
+        }
+        let Some(total_len) = self.end.filter(|_| self.phase == Phase::Finishing) else {
             return Err(ProtocolError::UnexpectedFrame {
                 frame: "finish",
                 state: self.state_name(),
             });
         };
-        if actual != expected {
-            let e = ProtocolError::HashMismatch { expected, actual };
+        if written != self.data_bytes {
+            let e = ProtocolError::Incomplete {
+                expected: self.data_bytes,
+                written,
+            };
             self.fail(e.clone());
             return Err(e);
         }
@@ -452,7 +501,7 @@ impl Receiver {
             Phase::AwaitHello => "waiting for hello",
             Phase::Streaming => "receiving the manifest",
             Phase::Ending => "waiting for the last chunks",
-            Phase::Verifying => "verifying the stream",
+            Phase::Finishing => "finishing the output",
             Phase::Done => "done",
             Phase::Failed => "failed",
         }

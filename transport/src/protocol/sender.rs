@@ -1,12 +1,13 @@
-//! The sending side of one transfer session: batches the manifest, answers `Need` with chunk
-//! requests for its driver, and finishes when the receiver confirms the whole stream.
+//! The sending side of one transfer session: batches the manifest, digests it as it goes,
+//! answers `Need` with chunk requests for its driver, and finishes when the receiver confirms
+//! the whole stream.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::ProtocolError;
 use crate::frame::{Frame, MAX_BATCH_ENTRIES, VERSION};
-use crate::{ChunkId, ManifestEntry};
+use crate::{ChunkId, ManifestDigest, ManifestEntry};
 
 /// Tuning for a [`Sender`].
 #[derive(Debug, Clone)]
@@ -87,7 +88,10 @@ pub struct Sender {
     pending: Vec<(u64, ManifestEntry)>,
     next_index: u64,
     in_flight: VecDeque<SentBatch>,
-    input_done: Option<(u64, ChunkId)>,
+    /// Digest of every entry pushed, with its offset, in order: what `End` carries.
+    digest: ManifestDigest,
+    /// The stream's total length, once the input ended.
+    input_done: Option<u64>,
     welcomed: bool,
     transmit: VecDeque<Frame>,
     chunks: VecDeque<ChunkRequest>,
@@ -116,6 +120,7 @@ impl Sender {
             pending: Vec::new(),
             next_index: 0,
             in_flight: VecDeque::new(),
+            digest: ManifestDigest::new(),
             input_done: None,
             welcomed: false,
             transmit,
@@ -136,20 +141,29 @@ impl Sender {
             && self.in_flight.len() < self.config.max_batches_in_flight
     }
 
-    /// Adds the next chunk of the stream, found at `offset`.
+    /// Adds the next chunk of the stream, found at `offset` of the source (the offset goes into
+    /// the manifest digest: the receiver places the entry where the lengths before it end, so
+    /// a gap or overlap in the offsets is refused at `End`).
     pub fn push_entry(&mut self, offset: u64, entry: ManifestEntry) {
         debug_assert!(self.input_done.is_none(), "entry pushed after finish_input");
+        self.digest.push(offset, &entry);
         self.pending.push((offset, entry));
         if self.pending.len() >= self.config.batch_entries {
             self.flush_batch();
         }
     }
 
-    /// The stream ended: `total_len` bytes hashing to `stream_hash`.
-    pub fn finish_input(&mut self, total_len: u64, stream_hash: ChunkId) {
+    /// The stream ended after `total_len` bytes. `End` follows, with the digest of the entries
+    /// pushed, once every manifest batch is answered.
+    pub fn finish_input(&mut self, total_len: u64) {
         self.flush_batch();
-        self.input_done = Some((total_len, stream_hash));
+        self.input_done = Some(total_len);
         self.maybe_end();
+    }
+
+    /// The manifest digest of the entries pushed so far; final once the input ended.
+    pub fn manifest_digest(&self) -> ChunkId {
+        self.digest.digest()
     }
 
     fn flush_batch(&mut self) {
@@ -176,11 +190,11 @@ impl Sender {
         if self.phase != Phase::Streaming || !self.in_flight.is_empty() {
             return;
         }
-        if let Some((total_len, stream_hash)) = self.input_done {
+        if let Some(total_len) = self.input_done {
             self.transmit.push_back(Frame::End {
                 total_len,
                 entries: self.next_index,
-                stream_hash,
+                manifest_digest: self.digest.digest(),
             });
             self.phase = Phase::Ending;
         }
@@ -220,7 +234,7 @@ impl Sender {
                 bytes_written,
                 chunks_received,
             } if self.phase == Phase::Ending => {
-                if bytes_written != self.input_done.map_or(0, |(len, _)| len) {
+                if bytes_written != self.input_done.unwrap_or(0) {
                     return Err(ProtocolError::EndMismatch(format!(
                         "receiver reports {bytes_written} bytes written, the stream has {}",
                         self.stream_len

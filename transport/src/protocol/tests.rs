@@ -17,7 +17,6 @@ const CHUNK: usize = 8 * 1024;
 struct Source {
     data: Vec<u8>,
     spans: Vec<(u64, ManifestEntry)>,
-    hash: ChunkId,
 }
 
 impl Source {
@@ -51,8 +50,7 @@ impl Source {
                 ((i * CHUNK) as u64, entry)
             })
             .collect();
-        let hash = ChunkId::of(&data);
-        Source { data, spans, hash }
+        Source { data, spans }
     }
 
     fn unique_nonzero_chunks(&self) -> usize {
@@ -88,7 +86,12 @@ struct Link {
     drop_chance: f64,
     /// Silent from this instant on: nothing more is delivered.
     stall_at: Option<Instant>,
+    /// Alters frames on their way to the receiver (a corrupting middlebox, or a sender bug).
+    tamper: Option<Tamper>,
 }
+
+/// Changes a frame in flight.
+type Tamper = Box<dyn FnMut(&mut Frame)>;
 
 type LaneKey = (u8, usize);
 
@@ -118,10 +121,14 @@ impl Link {
             lanes: HashMap::new(),
             drop_chance,
             stall_at: None,
+            tamper: None,
         }
     }
 
-    fn send(&mut self, lane: Lane, frame: Frame) {
+    fn send(&mut self, lane: Lane, mut frame: Frame) {
+        if let (Lane::ToReceiver, Some(tamper)) = (lane, &mut self.tamper) {
+            tamper(&mut frame);
+        }
         let jitter = self.jitter.mul_f64(self.rng.f64());
         let q = self.lanes.entry(key(lane)).or_default();
         let earliest = q.back().map_or(self.now, |(t, _)| *t);
@@ -193,13 +200,15 @@ fn run_session(
     let mut receiver = Receiver::new(ReceiverConfig::default(), link.now);
     let mut input = source.spans.iter();
     let mut next_stream = 0;
+    // Chunk bytes written into the output, as a driver counts them for `finish`.
+    let mut written = 0u64;
     output.clear();
     loop {
         // Sender: feed input while the window allows, then flush frames and chunks.
         while sender.wants_input() {
             match input.next() {
                 Some((offset, entry)) => sender.push_entry(*offset, *entry),
-                None => sender.finish_input(source.data.len() as u64, source.hash),
+                None => sender.finish_input(source.data.len() as u64),
             }
         }
         while let Some(f) = sender.poll_transmit() {
@@ -227,11 +236,12 @@ fn run_session(
                 .clone();
             for off in copy.offsets {
                 write_at(output, off, &raw);
+                written += raw.len() as u64;
             }
         }
-        if receiver.ready_to_verify() {
+        if receiver.ready_to_finish() {
             output.resize(receiver.total_len().unwrap() as usize, 0);
-            let _ = receiver.finish(ChunkId::of(output));
+            let _ = receiver.finish(written);
         }
         while let Some(f) = receiver.poll_transmit() {
             link.send(Lane::ToSender, f);
@@ -308,6 +318,7 @@ fn run_session(
                     store.insert(id, payload.to_vec());
                     for off in receiver.chunk_stored(&id) {
                         write_at(output, off, &payload);
+                        written += payload.len() as u64;
                     }
                 }
             }
@@ -602,8 +613,19 @@ fn receiver_with_one_zero_chunk(now: Instant) -> Receiver {
     r
 }
 
+/// The manifest digest of `entries` laid end to end from offset 0.
+fn digest_of(entries: &[ManifestEntry]) -> ChunkId {
+    let mut digest = crate::ManifestDigest::new();
+    let mut offset = 0;
+    for e in entries {
+        digest.push(offset, e);
+        offset += u64::from(e.len);
+    }
+    digest.digest()
+}
+
 #[test]
-fn receiver_refuses_an_end_that_disagrees_and_a_wrong_hash() {
+fn receiver_refuses_an_end_that_disagrees_with_the_manifest() {
     let now = Instant::now();
     let mut r = receiver_with_one_zero_chunk(now);
     let err = r
@@ -611,29 +633,204 @@ fn receiver_refuses_an_end_that_disagrees_and_a_wrong_hash() {
             Frame::End {
                 total_len: 100,
                 entries: 2,
-                stream_hash: ChunkId([0; 32]),
+                manifest_digest: digest_of(&[entry(0, 100)]),
             },
             &|_| false,
             now,
         )
         .unwrap_err();
-    assert!(matches!(err, ProtocolError::EndMismatch(_)));
+    assert!(matches!(err, ProtocolError::EndMismatch(_)), "{err}");
+    assert_aborts(&mut r, AbortCode::Protocol);
+}
 
+#[test]
+fn a_manifest_digest_mismatch_aborts_with_a_clear_error() {
+    let now = Instant::now();
+    let mut r = receiver_with_one_zero_chunk(now);
+    // What a sender whose manifest had another entry at that place would announce.
+    let sent = digest_of(&[entry(0, 99)]);
+    let placed = digest_of(&[entry(0, 100)]);
+    let err = r
+        .handle_frame(
+            Frame::End {
+                total_len: 100,
+                entries: 1,
+                manifest_digest: sent,
+            },
+            &|_| false,
+            now,
+        )
+        .unwrap_err();
+    assert_eq!(
+        err,
+        ProtocolError::ManifestMismatch {
+            expected: sent,
+            actual: placed,
+        }
+    );
+    let message = err.to_string();
+    assert!(message.contains("manifest digest mismatch"), "{message}");
+    assert!(message.contains(&sent.to_string()), "{message}");
+    assert!(message.contains(&placed.to_string()), "{message}");
+    assert!(message.contains("output is refused"), "{message}");
+    // Refused at End: never ready to finish, and the sender is told why.
+    assert!(!r.ready_to_finish());
+    match r.poll_transmit() {
+        Some(Frame::Abort { code, message: m }) => {
+            assert_eq!(code, AbortCode::HashMismatch);
+            assert_eq!(m, message);
+        }
+        other => panic!("expected an Abort, got {other:?}"),
+    }
+    assert!(matches!(
+        r.finish(0),
+        Err(ProtocolError::ManifestMismatch { .. })
+    ));
+    assert!(r.poll_transmit().is_none(), "no Done after a mismatch");
+
+    // The same End with the right digest is accepted.
     let mut r = receiver_with_one_zero_chunk(now);
     r.handle_frame(
         Frame::End {
             total_len: 100,
             entries: 1,
-            stream_hash: ChunkId([9; 32]),
+            manifest_digest: placed,
         },
         &|_| false,
         now,
     )
     .unwrap();
-    assert!(r.ready_to_verify());
-    let err = r.finish(ChunkId::of(&[0u8; 100])).unwrap_err();
-    assert!(matches!(err, ProtocolError::HashMismatch { .. }));
-    assert_aborts(&mut r, AbortCode::HashMismatch);
+    assert!(r.ready_to_finish());
+    r.finish(0).unwrap();
+    assert!(matches!(
+        r.poll_transmit(),
+        Some(Frame::Done {
+            bytes_written: 100,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_manifest_altered_in_transit_is_refused_although_every_chunk_verifies() {
+    // Two distinct non-zero chunks of the stream swap places in the manifest on the way: each
+    // chunk still matches its id and the lengths still add up, so only the digest can tell.
+    let mut rng = fastrand::Rng::with_seed(11);
+    let source = Source::generate(&mut rng, 512 * 1024);
+    let nonzero: Vec<usize> = (0..16).filter(|&i| !source.spans[i].1.zero).collect();
+    assert!(nonzero.len() >= 2, "the first batch needs two data chunks");
+    let (a, b) = (nonzero[0], nonzero[1]);
+    assert_ne!(source.spans[a].1.id, source.spans[b].1.id);
+    let mut link = Link::new(11, 0.0);
+    link.tamper = Some(Box::new(move |frame| {
+        if let Frame::Manifest {
+            first_index: 0,
+            entries,
+        } = frame
+        {
+            entries.swap(a, b);
+        }
+    }));
+    let (mut store, mut output) = (HashMap::new(), Vec::new());
+    match run_session(&mut link, &source, &mut store, &mut output, 2) {
+        Outcome::Failed { sender, receiver } => {
+            assert!(
+                matches!(receiver, Some(ProtocolError::ManifestMismatch { .. })),
+                "{receiver:?}"
+            );
+            assert!(
+                matches!(
+                    sender,
+                    Some(ProtocolError::PeerAborted {
+                        code: AbortCode::HashMismatch,
+                        ref message,
+                    }) if message.contains("manifest digest mismatch")
+                ),
+                "{sender:?}"
+            );
+        }
+        other => panic!("an altered manifest was accepted: {other:?}"),
+    }
+
+    // Without the tamper, the same stream goes through.
+    let mut link = Link::new(11, 0.0);
+    let (mut store, mut output) = (HashMap::new(), Vec::new());
+    assert!(matches!(
+        run_session(&mut link, &source, &mut store, &mut output, 2),
+        Outcome::Done { .. }
+    ));
+    assert_eq!(output, source.data);
+}
+
+#[test]
+fn receiver_refuses_a_zero_entry_whose_id_is_not_zeros() {
+    let now = Instant::now();
+    let mut r = welcomed_receiver(200);
+    let lying = ManifestEntry {
+        zero: true,
+        ..entry(5, 100)
+    };
+    let err = r
+        .handle_frame(
+            Frame::Manifest {
+                first_index: 0,
+                entries: vec![entry(0, 100), lying],
+            },
+            &|_| false,
+            now,
+        )
+        .unwrap_err();
+    assert_eq!(
+        err,
+        ProtocolError::BadZeroEntry {
+            index: 1,
+            len: 100,
+            id: lying.id,
+        }
+    );
+    assert_aborts(&mut r, AbortCode::Protocol);
+}
+
+#[test]
+fn receiver_refuses_to_finish_when_chunk_bytes_are_missing() {
+    let now = Instant::now();
+    let mut r = welcomed_receiver(300);
+    let (a, z) = (entry(1, 100), entry(0, 100));
+    r.handle_frame(
+        Frame::Manifest {
+            first_index: 0,
+            entries: vec![a, z, a],
+        },
+        &|_| false,
+        now,
+    )
+    .unwrap();
+    let _ = r.poll_transmit();
+    r.accept_chunk(&a.id, 100, now).unwrap();
+    assert_eq!(r.chunk_stored(&a.id), vec![0, 200]);
+    r.handle_frame(
+        Frame::End {
+            total_len: 300,
+            entries: 3,
+            manifest_digest: digest_of(&[a, z, a]),
+        },
+        &|_| false,
+        now,
+    )
+    .unwrap();
+    assert!(r.ready_to_finish());
+    assert_eq!(r.data_bytes(), 200);
+    // Only one of the two offsets was written.
+    let err = r.finish(100).unwrap_err();
+    assert_eq!(
+        err,
+        ProtocolError::Incomplete {
+            expected: 200,
+            written: 100,
+        }
+    );
+    assert_aborts(&mut r, AbortCode::Io);
+    assert!(!r.is_done());
 }
 
 #[test]

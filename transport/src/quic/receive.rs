@@ -1,6 +1,8 @@
 //! The receiving node's side of a transfer: admit and verify chunks from several streams in
-//! parallel, store them, write them at their offsets in the output, and confirm the stream once
-//! its whole-stream hash checks. A dropped connection is waited out: the sender reconnects and
+//! parallel, store them, write them at their offsets in the output, copy the chunks the store
+//! already holds (verified as they are read), and confirm the stream once every chunk byte is
+//! written and the manifest digest checked (see [`crate::protocol`] for why that is enough and
+//! the output is not read back). A dropped connection is waited out: the sender reconnects and
 //! only what the store still lacks is sent again. Connections come over a channel:
 //! [`receive_file`] feeds it from its endpoint, [`receive_file_from`] takes a caller's (a node
 //! daemon's).
@@ -220,8 +222,8 @@ pub async fn receive_file_from(
     }
 }
 
-/// Where the output is assembled until its hash checks: never a half-written file under the
-/// final name.
+/// Where the output is assembled until it is complete and checked: never a half-written file
+/// under the final name.
 fn partial_path(out: &Path) -> PathBuf {
     let mut name = out
         .file_name()
@@ -244,9 +246,6 @@ const COPY_TASKS: usize = 2;
 /// Copies handed to one such task.
 const COPY_BATCH: usize = 64;
 
-/// Bytes hashed per step when checking the finished output.
-const HASH_BLOCK: usize = 4 << 20;
-
 /// Pack commits (fdatasync, rename) in flight at once, beside the transfer.
 const COMMIT_TASKS: usize = 2;
 
@@ -255,8 +254,11 @@ struct Shared {
     receiver: Mutex<Receiver>,
     /// Woken whenever a task changed the state machine.
     wake: Notify,
-    /// Chunk writes started and not finished: the stream is only hashed once this is 0.
+    /// Chunk writes started and not finished: the output is only finished once this is 0.
     writes_in_flight: AtomicUsize,
+    /// Bytes written into the output from chunks (received or copied), each offset counted:
+    /// the receiver checks it against the manifest before confirming.
+    written: AtomicU64,
     /// Chunks being verified and stored on blocking threads. A session waits for them before it
     /// returns, so no put lands in the store after the caller synced it.
     storing: std::sync::Mutex<usize>,
@@ -302,6 +304,8 @@ async fn session(
 ) -> Result<(), SessionError> {
     let peer = report.peer.clone();
     let (mut ctrl_send, ctrl_recv) = conn.accept_bi().await.map_err(|e| classify(&peer, &e))?;
+    // Truncated, whatever an earlier connection left in it: zero entries are never written,
+    // and only an empty file reads them back as zeros.
     let out = OpenOptions::new()
         .read(true)
         .write(true)
@@ -317,6 +321,7 @@ async fn session(
         receiver: Mutex::new(Receiver::new(options.protocol.clone(), Instant::now())),
         wake: Notify::new(),
         writes_in_flight: AtomicUsize::new(0),
+        written: AtomicU64::new(0),
         storing: std::sync::Mutex::new(0),
         stored: std::sync::Condvar::new(),
         store: store.clone(),
@@ -339,7 +344,7 @@ async fn session(
     let outcome = loop {
         // Drain the state machine: frames to send, copies to start (a bounded number of tasks,
         // each a batch), the final check.
-        let (frames, new_copies, verify, error, timeout) = {
+        let (frames, new_copies, finishing, error, timeout) = {
             let mut r = shared.receiver.lock().expect("receiver lock");
             let frames: Vec<Frame> = std::iter::from_fn(|| r.poll_transmit()).collect();
             let mut batches = Vec::new();
@@ -355,7 +360,7 @@ async fn session(
             (
                 frames,
                 batches,
-                r.ready_to_verify() && r.copies_queued() == 0,
+                r.ready_to_finish() && r.copies_queued() == 0,
                 r.error().cloned(),
                 r.poll_timeout(),
             )
@@ -381,16 +386,21 @@ async fn session(
                     .try_for_each(|c| copy_from_store(&shared, c))
             });
         }
-        if verify && copies.is_empty() && shared.writes_in_flight.load(Ordering::Acquire) == 0 {
-            debug!("every chunk is in; hashing the output");
+        if finishing && copies.is_empty() && shared.writes_in_flight.load(Ordering::Acquire) == 0 {
+            debug!("every chunk is in and written; sizing the output");
             let shared2 = shared.clone();
-            let hash = tokio::task::spawn_blocking(move || finish_output(&shared2))
+            let sized = tokio::task::spawn_blocking(move || size_output(&shared2))
                 .await
-                .expect("hashing does not panic");
-            match hash {
-                Ok(hash) => {
-                    debug!("output hashed");
-                    let _ = shared.receiver.lock().expect("receiver lock").finish(hash);
+                .expect("sizing the output does not panic");
+            match sized {
+                // On a mismatch the receiver fails itself and queues the Abort.
+                Ok(()) => {
+                    let written = shared.written.load(Ordering::Acquire);
+                    let _ = shared
+                        .receiver
+                        .lock()
+                        .expect("receiver lock")
+                        .finish(written);
                 }
                 Err(e) => shared.fail(AbortCode::Io, e.to_string()),
             }
@@ -589,14 +599,30 @@ fn store_abort_code(e: &StoreError) -> AbortCode {
     }
 }
 
+/// Writes a chunk the store holds wherever the stream has it. [`DiskStore::get`] decodes the
+/// stored record and checks it against its id, so only verified bytes reach the output; a
+/// corrupt record reads as missing (and leaves the index, so the next transfer fetches it).
 fn copy_from_store(shared: &Shared, copy: StoreCopy) -> Result<(), TransferError> {
-    let raw = shared.store.get(&copy.id)?.ok_or_else(|| TransferError::Output {
+    let output_error = |message: String| TransferError::Output {
         path: shared.out_path.clone(),
-        source: std::io::Error::other(format!(
-            "chunk {} vanished from the store mid-transfer (evicted or corrupt); run the transfer again",
+        source: std::io::Error::other(message),
+    };
+    let raw = shared.store.get(&copy.id)?.ok_or_else(|| {
+        output_error(format!(
+            "chunk {} vanished from the chunk store mid-transfer (evicted, or its record failed \
+             verification when read); run the transfer again: it will be fetched",
             copy.id
-        )),
+        ))
     })?;
+    if raw.len() != copy.len as usize {
+        return Err(output_error(format!(
+            "chunk {} is {} bytes in the chunk store but the manifest says {}: the sender's \
+             manifest is wrong",
+            copy.id,
+            raw.len(),
+            copy.len
+        )));
+    }
     write_at_offsets(shared, &raw, &copy.offsets)
 }
 
@@ -609,48 +635,27 @@ fn write_at_offsets(shared: &Shared, raw: &[u8], offsets: &[u64]) -> Result<(), 
                 path: shared.out_path.clone(),
                 source,
             })?;
+        shared.written.fetch_add(raw.len() as u64, Ordering::AcqRel);
         shared.advance(raw.len() as u64);
     }
     Ok(())
 }
 
-/// Sizes the output (zero chunks were never written: they read back as zeros), makes the
-/// store durable, and hashes what was written.
-fn finish_output(shared: &Shared) -> Result<ChunkId, TransferError> {
-    let (total, zero_runs) = {
-        let r = shared.receiver.lock().expect("receiver lock");
-        (r.total_len().unwrap_or(0), r.zero_runs().to_vec())
-    };
-    let io = |source| TransferError::Output {
-        path: shared.out_path.clone(),
-        source,
-    };
-    shared.out.set_len(total).map_err(io)?;
-    // Zero runs were never written: hash zeros for them rather than read holes back, and hash
-    // big blocks on both cores.
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; HASH_BLOCK];
-    let zeros = vec![0u8; HASH_BLOCK];
-    let mut runs = zero_runs.iter().peekable();
-    let mut pos = 0u64;
-    while pos < total {
-        match runs.peek() {
-            Some(&&(start, len)) if start <= pos => {
-                let n = (start + len - pos).min(HASH_BLOCK as u64) as usize;
-                hasher.update_rayon(&zeros[..n]);
-                pos += n as u64;
-                if pos >= start + len {
-                    runs.next();
-                }
-            }
-            next => {
-                let limit = next.map_or(total, |&&(start, _)| start).min(total);
-                let n = (limit - pos).min(HASH_BLOCK as u64) as usize;
-                shared.out.read_exact_at(&mut buf[..n], pos).map_err(io)?;
-                hasher.update_rayon(&buf[..n]);
-                pos += n as u64;
-            }
-        }
-    }
-    Ok(ChunkId(*hasher.finalize().as_bytes()))
+/// Sizes the output to the stream's length: zero entries were never written, and the file was
+/// created empty, so they read back as zeros. Nothing is read back: every byte written was
+/// verified on its way in.
+fn size_output(shared: &Shared) -> Result<(), TransferError> {
+    let total = shared
+        .receiver
+        .lock()
+        .expect("receiver lock")
+        .total_len()
+        .unwrap_or(0);
+    shared
+        .out
+        .set_len(total)
+        .map_err(|source| TransferError::Output {
+            path: shared.out_path.clone(),
+            source,
+        })
 }

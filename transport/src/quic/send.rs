@@ -135,7 +135,8 @@ impl Dialer for EndpointDialer<'_> {
 }
 
 /// Sends `path` to the receiver at `addr` through `endpoint` (see [`super::client_endpoint`]).
-/// Returns once the receiver confirmed the whole-stream hash.
+/// Returns once the receiver confirmed the whole stream (see [`crate::protocol`] for what its
+/// `Done` vouches for).
 pub async fn send_file(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
@@ -147,7 +148,7 @@ pub async fn send_file(
 
 /// Sends `path` over connections from `dialer`, dialing again to resume when a connection
 /// drops, until `resume_timeout` passes without a working one. Returns once the receiver
-/// confirmed the whole-stream hash.
+/// confirmed the whole stream: every chunk verified and placed, the manifest digest equal.
 ///
 /// Each connection belongs to the transfer once dialed: the transfer opens one bidirectional
 /// control stream and `streams` unidirectional chunk streams on it, and closes it when its
@@ -247,7 +248,8 @@ pub async fn send_file_via(
 /// What the chunking thread hands the session.
 enum Input {
     Entry(u64, ManifestEntry),
-    End(u64, ChunkId),
+    /// The source ended after this many bytes.
+    End(u64),
     Failed(std::io::Error),
 }
 
@@ -387,9 +389,9 @@ fn take_input(
     loop {
         match next {
             Some(Input::Entry(offset, entry)) => sender.push_entry(offset, entry),
-            Some(Input::End(len, hash)) => {
+            Some(Input::End(len)) => {
                 debug!("source chunked");
-                sender.finish_input(len, hash);
+                sender.finish_input(len);
                 return Ok(false);
             }
             Some(Input::Failed(e)) => return Err(e),
@@ -426,8 +428,8 @@ fn chunk_file(path: &Path, tx: &mpsc::Sender<Input>) {
             return;
         }
     }
-    if let Some((len, hash)) = chunker.finish() {
-        let _ = tx.blocking_send(Input::End(len, hash));
+    if let Some(len) = chunker.finish() {
+        let _ = tx.blocking_send(Input::End(len));
     }
 }
 
