@@ -37,7 +37,7 @@ MIRROR=${MIGRATE_LAB_MIRROR:-$(host_mirror)}
 SUITE=trixie
 
 # ---- the recipe: anything below this line up to "end of recipe" goes into the stamp hash ----
-RECIPE_VERSION=1
+RECIPE_VERSION=3
 PACKAGES=(
     podman crun conmon catatonit netavark
     busybox-static iproute2 procps ca-certificates
@@ -81,6 +81,18 @@ read -r -d '' REGISTRIES_CONF <<'EOF' || true
 # Written by migrate lab/rootfs.sh: no registry is reachable; images are local (localhost/lab/...).
 unqualified-search-registries = []
 EOF
+# CRIU options for every checkpoint and restore. CRIU reads /etc/criu/default.conf also when
+# crun drives it over RPC (crun 1.21 passes no config file of its own; Podman 5.4 has no flag
+# for these). A container serving clients has connections open or arriving while it freezes:
+# skip-in-flight drops the half-open ones (the client retries), tcp-established dumps the open
+# ones and tcp-close restores them closed (the destination has another address: clients see a
+# reset and reconnect). Without them such a dump fails.
+read -r -d '' CRIU_CONF <<'EOF' || true
+# Written by migrate lab/rootfs.sh.
+skip-in-flight
+tcp-established
+tcp-close
+EOF
 # ---- end of recipe ----
 
 die() { echo "rootfs.sh: error: $*" >&2; exit 1; }
@@ -94,7 +106,7 @@ recipe_hash() {
     {
         echo "$RECIPE_VERSION|$SUITE"
         printf '%s\n' "${PACKAGES[@]}" -- "${SID_PACKAGES[@]}" -- "${SID_DEPS[@]}" -- "$SID_VERSION_PREFIX"
-        printf '%s\n' "$CONTAINERS_CONF" "$STORAGE_CONF" "$REGISTRIES_CONF"
+        printf '%s\n' "$CONTAINERS_CONF" "$STORAGE_CONF" "$REGISTRIES_CONF" "$CRIU_CONF"
     } | sha256sum | cut -d' ' -f1
 }
 HASH=$(recipe_hash)
@@ -225,6 +237,8 @@ mkdir -p "$BUILD/etc/containers/registries.conf.d" "$BUILD/etc/migrate-lab"
 printf '%s\n' "$CONTAINERS_CONF" >"$BUILD/etc/containers/containers.conf"
 printf '%s\n' "$STORAGE_CONF" >"$BUILD/etc/containers/storage.conf"
 printf '%s\n' "$REGISTRIES_CONF" >"$BUILD/etc/containers/registries.conf.d/99-migrate-lab.conf"
+mkdir -p "$BUILD/etc/criu"
+printf '%s\n' "$CRIU_CONF" >"$BUILD/etc/criu/default.conf"
 # Mount points used by lab/enter.sh (the root is read-only inside nodes).
 mkdir -p "$BUILD/var/lib/containers" "$BUILD/shared" "$BUILD/lab" "$BUILD/.oldroot"
 echo "migrate-lab" >"$BUILD/etc/hostname"

@@ -30,7 +30,7 @@ pub struct ReceiveArgs {
     /// of chunks are evicted until it fits. Default: no cap.
     #[arg(long, value_parser = parse_size)]
     store_cap: Option<u64>,
-    /// File to write. It appears only once its whole-stream hash checks.
+    /// File to write. It appears only once every chunk and the manifest digest check.
     #[arg(long)]
     out: PathBuf,
     /// This node's certificate directory (from `migrate certs init`).

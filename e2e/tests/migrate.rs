@@ -540,6 +540,86 @@ fn redis_keeps_every_key_and_comes_back_cheaply() {
     );
 }
 
+/// A server with clients: one connected (redis-cli blocked in `DEBUG SLEEP`) and one whose
+/// connection waits, not yet accepted, in the listener's backlog. CRIU refuses to dump either
+/// unless told what to do (the lab's /etc/criu/default.conf: tcp-established, tcp-close,
+/// skip-in-flight); with that the migration goes through and the data is there.
+#[test]
+fn open_and_in_flight_connections_do_not_stop_the_migration() {
+    let lab = Lab::up("i");
+    let (a, b) = (&lab.a, &lab.b);
+    lab.ok(
+        a,
+        &[
+            "podman",
+            "run",
+            "-d",
+            "--name",
+            "kv",
+            "--network=host",
+            lab::REDIS_IMAGE,
+        ],
+    );
+    wait_for("redis answering", Duration::from_secs(20), || {
+        (lab.run(a, &["podman", "exec", "kv", "redis-cli", "PING"])
+            .1
+            .trim()
+            == "PONG")
+            .then_some(())
+    });
+    lab.ok(a, &["podman", "exec", "kv", "redis-cli", "SET", "k", "v"]);
+    // Redis busy for 30 s; a client from the other node connects and waits in the backlog.
+    let mut sleeper = lab::command(
+        a,
+        &["podman", "exec", "kv", "redis-cli", "DEBUG", "SLEEP", "30"],
+        &lab.opts,
+    )
+    .unwrap()
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let target = format!("{}:6379", lab.address(a));
+    let mut client = lab::command(b, &["busybox", "nc", &target], &lab.opts)
+        .unwrap()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The connection is established (in the listener's backlog) once the kernel shows it.
+    wait_for(
+        "a connection in redis' backlog",
+        Duration::from_secs(10),
+        || {
+            let (_, out) = lab.run(a, &["busybox", "netstat", "-tn"]);
+            out.lines()
+                .any(|l| l.contains(":6379") && l.contains("ESTABLISHED"))
+                .then_some(())
+        },
+    );
+    let (ok, events) = lab.migrate("kv", a, b, &["--precopy", "0"]);
+    for child in [&mut client, &mut sleeper] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert!(
+        ok,
+        "the in-flight connection stopped the migration: {:?}",
+        events.last()
+    );
+    wait_for(
+        "redis answering on the destination",
+        Duration::from_secs(60),
+        || {
+            (lab.run(b, &["podman", "exec", "kv", "redis-cli", "GET", "k"])
+                .1
+                .trim()
+                == "v")
+                .then_some(())
+        },
+    );
+}
+
 /// Waits for the lab's daemon on `node` to be restartable and restarts it.
 fn restart_daemon(lab: &Lab, node: &str) {
     lab::start_daemon(node, &lab.opts).expect("restarting the daemon");

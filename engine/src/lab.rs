@@ -835,7 +835,16 @@ pub fn down(opts: &LabOptions) -> Result<DownReport> {
     let mut report = DownReport::default();
     // A broken state file must not stop the cleanup: the naming convention finds the rest.
     let state = read_state(opts).ok().flatten();
-    let namespaces = lab_netns(opts);
+    // The namespaces of this prefix, and those the state file recorded (made with another
+    // prefix, when MIGRATE_LAB_PREFIX changed since `up`).
+    let mut namespaces = lab_netns(opts);
+    if let Some(s) = &state {
+        for ns in std::iter::once(&s.switch_netns).chain(s.nodes.iter().map(|n| &n.netns)) {
+            if !namespaces.contains(ns) && Path::new("/run/netns").join(ns).exists() {
+                namespaces.push(ns.clone());
+            }
+        }
+    }
 
     // 1. Kill every process still in a lab namespace: node inits (and with them their PID
     //    namespaces) even when node.pid is gone.

@@ -611,3 +611,65 @@ async fn a_full_disk_on_the_receiver_fails_both_sides_with_a_clear_error() {
         .collect();
     assert!(left.is_empty(), "temp files left behind: {left:?}");
 }
+
+/// A receiver that dies mid-transfer, as when its process is killed (its runtime, endpoint and
+/// socket vanish at once, with no CONNECTION_CLOSE): the sender gives up once the connection
+/// times out and no new one comes. (The hang this guards against, a send into a full chunk
+/// queue whose workers had all failed, depends on timing this test does not force; the e2e
+/// test that kills a destination daemon mid-transfer caught it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_vanishes_fails_the_sender_in_time() {
+    let lab = Lab::new();
+    let src = lab.path("src.bin");
+    // Noise: nothing compresses, so the sender has far more to send than the windows hold.
+    {
+        let mut rng = fastrand::Rng::with_seed(9);
+        let noise: Vec<u8> = (0..(192 << 20)).map(|_| rng.u8(..)).collect();
+        std::fs::write(&src, noise).unwrap();
+    }
+    let idle = Duration::from_millis(1500);
+    // The receiver lives in its own runtime, on its own thread: shutting that runtime down
+    // stops everything it does at once, like a killed process.
+    let receiver_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = {
+        let _guard = receiver_rt.enter();
+        quic::server_endpoint(&lab.receiver, loopback(), idle).unwrap()
+    };
+    let addr = server.local_addr().unwrap();
+    {
+        let (server, store, out) = (server.clone(), lab.store(), lab.path("out.bin"));
+        receiver_rt.spawn(async move {
+            let _ = quic::receive_file(&server, store, &out, &RECEIVE).await;
+        });
+    }
+    drop(server);
+    let client = quic::client_endpoint(&lab.sender, None, idle).unwrap();
+    let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let options = SendOptions {
+        resume_timeout: Duration::from_secs(2),
+        progress: Some(progress.clone()),
+        ..SendOptions::default()
+    };
+    let sending = quic::send_file(&client, addr, &src, &options);
+    let kill = async {
+        while progress.load(Ordering::SeqCst) < (16 << 20) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        receiver_rt.shutdown_background();
+    };
+    let (sent, ()) = timeout(DEADLINE, async { tokio::join!(sending, kill) })
+        .await
+        .expect("the sender is still waiting for a receiver that is gone");
+    let err = sent.expect_err("the transfer cannot have finished");
+    assert!(
+        matches!(
+            err,
+            TransferError::Lost { .. } | TransferError::Unreachable { .. }
+        ),
+        "{err}"
+    );
+}

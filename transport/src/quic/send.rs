@@ -303,6 +303,9 @@ async fn session(
         });
     }
     drop(err_tx);
+    // Only the workers hold the queue's receiving end: when they have all failed (the
+    // connection died), a send into the full queue fails instead of waiting forever.
+    drop(req_rx);
 
     let mut req_tx = Some(req_tx);
     let mut input_open = true;
