@@ -42,7 +42,7 @@ bench: deps
 ## bench-migration: redis holding 1 GiB moved node1 -> node2 in the lab by `migrate redis` and
 ## by Podman's checkpoint --export / TCP copy / restore --import, interleaved; prints medians and
 ## writes target/bench-migration.json (root; knobs BENCH_RUNS, BENCH_KEYS... in the script).
-bench-migration:
+bench-migration: deps lab-rootfs
 	./benches/run-migration.sh
 
 ## bench-micro: criterion benches for chunking, hashing and compression.

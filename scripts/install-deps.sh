@@ -7,6 +7,7 @@ need=()
 command -v zstd >/dev/null || need+=(zstd)
 command -v cc >/dev/null || need+=(gcc)
 command -v make >/dev/null || need+=(make)
+command -v jq >/dev/null || need+=(jq)   # benches/run-migration.sh reads JSON with it
 if ((${#need[@]})); then
     if [[ $EUID -ne 0 ]]; then
         echo "missing packages: ${need[*]}; run as root or install them" >&2

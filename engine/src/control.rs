@@ -113,11 +113,15 @@ pub struct PrepareRequest {
     /// (`"has_base_image"` in its reply).
     #[serde(default)]
     pub base_image: Option<String>,
+    /// The container's ID on the source: the destination says whether its store holds a
+    /// checkpoint of this very container ([`KNOWS_CONTAINER`]).
+    #[serde(default)]
+    pub container_id: Option<String>,
 }
 
 /// Its reply's `detail` says `"knows_container": true` when its chunk store already holds a
-/// checkpoint of a container of that name (it received or sent one), so pre-copy would not
-/// pay.
+/// checkpoint of the container with that ID (it received or sent one), so pre-copy would not
+/// pay. A new container under an old name is not known.
 pub const KNOWS_CONTAINER: &str = "knows_container";
 
 /// The transfer round that carries the base image (when the destination lacks it).

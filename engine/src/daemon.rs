@@ -121,14 +121,15 @@ impl Node {
         Ok(config)
     }
 
-    /// Whether this node's store holds a checkpoint of a container named `name`.
-    pub fn knows_container(&self, name: &str) -> bool {
-        self.known_path(name).exists() && !self.store.is_empty()
+    /// Whether this node's store holds a checkpoint of the container with ID `id`.
+    pub fn knows_container(&self, id: &str) -> bool {
+        self.known_path(id).exists() && !self.store.is_empty()
     }
 
-    /// Records that this node's store now holds a checkpoint of `name` (sent or received).
-    pub fn remember_container(&self, name: &str) {
-        let path = self.known_path(name);
+    /// Records that this node's store now holds a checkpoint of container `id` (sent or
+    /// received).
+    pub fn remember_container(&self, id: &str) {
+        let path = self.known_path(id);
         if let Some(dir) = path.parent() {
             let _ = private_dir(dir);
         }
@@ -137,17 +138,12 @@ impl Node {
         }
     }
 
-    fn known_path(&self, name: &str) -> PathBuf {
-        // Names are `[a-zA-Z0-9][a-zA-Z0-9_.-]*` in Podman; anything else is hex-encoded.
-        let safe = if !name.is_empty()
-            && !name.starts_with('.')
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
-        {
-            name.to_string()
+    fn known_path(&self, id: &str) -> PathBuf {
+        // IDs are hex; anything else is hex-encoded, so it is always one plain file name.
+        let safe = if !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            id.to_string()
         } else {
-            name.bytes().map(|b| format!("{b:02x}")).collect()
+            id.bytes().map(|b| format!("{b:02x}")).collect()
         };
         self.config.state.join("known").join(safe)
     }

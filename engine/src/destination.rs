@@ -157,7 +157,10 @@ impl Destinations {
             Ok(d) => d,
             Err(e) => return error(format!("creating the work folder on {}: {e}", node.name)),
         };
-        let knows_container = node.knows_container(&req.container);
+        let knows_container = req
+            .container_id
+            .as_deref()
+            .is_some_and(|id| node.knows_container(id));
         info!(migration_id = %req.migration_id, container = %req.container, "incoming migration");
         self.inner.lock().expect("destinations lock").insert(
             req.migration_id,
@@ -487,7 +490,9 @@ impl Destinations {
             }
         }
         let _ = remove_dir(&inc.dir);
-        node.remember_container(&inc.container);
+        if let Some(id) = &inc.restored {
+            node.remember_container(id);
+        }
         info!(%migration_id, container = %inc.container, "incoming migration finished");
         ok(serde_json::Value::Null)
     }

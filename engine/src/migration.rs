@@ -188,6 +188,11 @@ impl Migration {
         let base_image = blocking(move || runtime.image_of(&c))
             .await
             .map_err(|e| self.fail(format!("finding the container's image: {e}")))?;
+        let runtime = self.node.runtime.clone();
+        let c = container.clone();
+        let container_id = blocking(move || runtime.container_id(&c))
+            .await
+            .map_err(|e| self.fail(format!("finding the container's ID: {e}")))?;
         let conn = self.connect().await?;
         self.dest = Some(conn.clone());
         let prepared = self
@@ -195,6 +200,7 @@ impl Migration {
                 migration_id: self.id.clone(),
                 container: container.clone(),
                 base_image: Some(base_image.clone()),
+                container_id: Some(container_id.clone()),
             }))
             .await?;
         let dir = self.dir()?;
@@ -258,15 +264,15 @@ impl Migration {
             migration_id: self.id.clone(),
             container: container.clone(),
         };
-        if self.req.via_image {
+        let restored = if self.req.via_image {
             self.enter(Phase::Assemble, None).await;
             self.call(Request::Assemble(step.clone())).await?;
             self.enter(Phase::Restore, None).await;
-            self.call(Request::Restore(step.clone())).await?;
+            self.call(Request::Restore(step.clone())).await?
         } else {
             self.enter(Phase::Restore, None).await;
-            self.call(Request::RestoreArchive(step.clone())).await?;
-        }
+            self.call(Request::RestoreArchive(step.clone())).await?
+        };
         self.enter(Phase::Verify, None).await;
         self.call(Request::Verify(step)).await?;
         let downtime = downtime_started.elapsed().as_secs_f64();
@@ -291,7 +297,12 @@ impl Migration {
         // for these chunks (see `Node::ingesting`).
         let held = self.node.ingesting.clone().lock_owned().await;
         self.keep_chunks(&path, held);
-        self.node.remember_container(&container);
+        // This node's store holds the container's chunks, under its ID here and there (a
+        // restore through an image gives it a new one).
+        self.node.remember_container(&container_id);
+        if let Some(id) = restored["container_id"].as_str() {
+            self.node.remember_container(id);
+        }
         self.close_phase();
         Ok(Summary {
             migration_id: self.id.clone(),

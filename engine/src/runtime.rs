@@ -171,6 +171,9 @@ pub trait Runtime: Send + Sync + fmt::Debug {
     /// The image `container` was created from, as a reference (`localhost/lab/busybox:latest`).
     fn image_of(&self, container: &str) -> Result<String, RuntimeError>;
 
+    /// The full ID of `container` (a name or ID).
+    fn container_id(&self, container: &str) -> Result<String, RuntimeError>;
+
     /// Whether the node's image store holds `image_ref`.
     fn has_image(&self, image_ref: &str) -> Result<bool, RuntimeError>;
 
@@ -375,6 +378,27 @@ impl Runtime for Podman {
                 output: bounded(&stdout),
             }),
             name => Ok(name.to_string()),
+        }
+    }
+
+    fn container_id(&self, container: &str) -> Result<String, RuntimeError> {
+        let args = [
+            "container",
+            "inspect",
+            "--format",
+            "{{.Id}}",
+            "--",
+            container,
+        ]
+        .map(OsStr::new);
+        let stdout = self.run(&args, Subject::Container(container))?;
+        match stdout.trim() {
+            id if is_container_id(id) => Ok(id.to_string()),
+            _ => Err(RuntimeError::UnexpectedOutput {
+                command: self.command_for(&args),
+                what: "a container ID",
+                output: bounded(&stdout),
+            }),
         }
     }
 
