@@ -33,7 +33,7 @@ const IN_NETNS_ENV: &str = "MIGRATE_IN_NETNS";
   migrate web --from node1 --to node2 --json
   migrate web --from a --to b --node a=10.0.0.1:7400 --node b=10.0.0.2:7400 --certs certs/operator")]
 pub struct MigrateArgs {
-    /// The container (name or ID) on the source node.
+    /// The container's name on the source node (it keeps it on the destination).
     container: String,
     /// The source node.
     #[arg(long)]

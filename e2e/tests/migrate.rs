@@ -238,6 +238,19 @@ fn counter_continues_on_the_destination() {
     let lab = Lab::up("c");
     let (a, b) = (&lab.a, &lab.b);
     start_counter(&lab, a);
+    // By ID: refused in the plan, before anything stops.
+    let id = lab.ok(a, &["podman", "inspect", "--format", "{{.Id}}", "counter"]);
+    let (ok, events) = lab.migrate(&id.trim()[..12], a, b, &[]);
+    assert!(!ok, "a migration by ID went ahead");
+    let last = events.last().unwrap();
+    assert_eq!(last["phase"], "plan", "{last}");
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap()
+            .contains("is a container ID"),
+        "{last}"
+    );
     let before = count_above(&lab, a, 20);
     let (ok, events) = lab.migrate("counter", a, b, &[]);
     assert!(ok, "migration failed");

@@ -84,7 +84,8 @@ pub enum Request {
 /// Migrate `container` from the daemon asked to the daemon at `to`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MigrateRequest {
-    /// Container name or ID on the source node.
+    /// Container name on the source node (an ID is refused in the plan phase: the archive
+    /// carries the name, and the container keeps it on the destination).
     pub container: String,
     /// The destination daemon's address.
     pub to: SocketAddr,

@@ -193,6 +193,14 @@ impl Migration {
         let container_id = blocking(move || runtime.container_id(&c))
             .await
             .map_err(|e| self.fail(format!("finding the container's ID: {e}")))?;
+        if container_id.starts_with(&container) {
+            // The archive carries the name, and the container keeps it on the destination.
+            return Err(self.fail(format!(
+                "{container:?} is a container ID: give the container's name (`podman ps` on {} \
+                 shows it)",
+                self.node.name
+            )));
+        }
         let conn = self.connect().await?;
         self.dest = Some(conn.clone());
         let prepared = self
