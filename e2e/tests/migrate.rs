@@ -474,6 +474,12 @@ fn fill_redis(lab: &Lab, node: &str) {
 }
 
 fn start_redis(lab: &Lab, node: &str) {
+    run_redis(lab, node);
+    fill_redis(lab, node);
+}
+
+/// Starts an empty redis `kv` in `node` (host network) and waits until it answers.
+fn run_redis(lab: &Lab, node: &str) {
     lab.ok(
         node,
         &[
@@ -493,7 +499,6 @@ fn start_redis(lab: &Lab, node: &str) {
             == "PONG")
             .then_some(())
     });
-    fill_redis(lab, node);
 }
 
 #[test]
@@ -561,25 +566,7 @@ fn redis_keeps_every_key_and_comes_back_cheaply() {
 fn open_and_in_flight_connections_do_not_stop_the_migration() {
     let lab = Lab::up("i");
     let (a, b) = (&lab.a, &lab.b);
-    lab.ok(
-        a,
-        &[
-            "podman",
-            "run",
-            "-d",
-            "--name",
-            "kv",
-            "--network=host",
-            lab::REDIS_IMAGE,
-        ],
-    );
-    wait_for("redis answering", Duration::from_secs(20), || {
-        (lab.run(a, &["podman", "exec", "kv", "redis-cli", "PING"])
-            .1
-            .trim()
-            == "PONG")
-            .then_some(())
-    });
+    run_redis(&lab, a);
     lab.ok(a, &["podman", "exec", "kv", "redis-cli", "SET", "k", "v"]);
     // Redis busy for 30 s; a client from the other node connects and waits in the backlog.
     let mut sleeper = lab::command(

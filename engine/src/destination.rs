@@ -351,17 +351,30 @@ impl Destinations {
         };
         let runtime = node.runtime.clone();
         let name = req.container.clone();
-        match blocking(move || runtime.restore(&image, Some(&name))).await {
+        let restored = blocking(move || runtime.restore(&image, Some(&name)))
+            .await
+            .map_err(|e| format!("restoring: {e}"));
+        self.record_restore(node, &req, restored).await
+    }
+
+    /// Records a restore's container, or removes what a failed one left, and answers.
+    async fn record_restore(
+        &self,
+        node: &Arc<Node>,
+        req: &StepRequest,
+        restored: Result<String, String>,
+    ) -> Reply {
+        match restored {
             Ok(id) => {
                 self.touch(&req.migration_id, |inc| inc.restored = Some(id.clone()));
                 ok(serde_json::json!({ "container_id": id }))
             }
-            Err(e) => {
+            Err(message) => {
                 // A failed restore can leave a created, stopped container under the name.
                 let runtime = node.runtime.clone();
                 let name = req.container.clone();
                 let _ = blocking(move || runtime.remove_container(&name)).await;
-                error(format!("restoring on {}: {e}", node.name))
+                error(format!("{message} (on {})", node.name))
             }
         }
     }
@@ -392,19 +405,7 @@ impl Destinations {
         })
         .await;
         let _ = std::fs::remove_file(&archive);
-        match restored {
-            Ok(id) => {
-                self.touch(&req.migration_id, |inc| inc.restored = Some(id.clone()));
-                ok(serde_json::json!({ "container_id": id }))
-            }
-            Err(message) => {
-                // A failed restore can leave a created, stopped container under the name.
-                let runtime = node.runtime.clone();
-                let name = req.container.clone();
-                let _ = blocking(move || runtime.remove_container(&name)).await;
-                error(format!("{message} (on {})", node.name))
-            }
-        }
+        self.record_restore(node, &req, restored).await
     }
 
     /// Checks that the restored container runs.

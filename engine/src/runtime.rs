@@ -319,25 +319,16 @@ impl Runtime for Podman {
     }
 
     fn is_running(&self, container: &str) -> Result<bool, RuntimeError> {
-        let args = [
-            "container",
-            "inspect",
-            "--format",
-            "{{.State.Running}}",
-            "--",
+        self.inspect(
             container,
-        ]
-        .map(OsStr::new);
-        let stdout = self.run(&args, Subject::Container(container))?;
-        match stdout.trim() {
-            "true" => Ok(true),
-            "false" => Ok(false),
-            _ => Err(RuntimeError::UnexpectedOutput {
-                command: self.command_for(&args),
-                what: "`true` or `false`",
-                output: bounded(&stdout),
-            }),
-        }
+            "{{.State.Running}}",
+            "`true` or `false`",
+            |v| match v {
+                "true" => Some(true),
+                "false" => Some(false),
+                _ => None,
+            },
+        )
     }
 
     fn remove_container(&self, container: &str) -> Result<(), RuntimeError> {
@@ -361,45 +352,15 @@ impl Runtime for Podman {
     }
 
     fn image_of(&self, container: &str) -> Result<String, RuntimeError> {
-        let args = [
-            "container",
-            "inspect",
-            "--format",
-            "{{.ImageName}}",
-            "--",
-            container,
-        ]
-        .map(OsStr::new);
-        let stdout = self.run(&args, Subject::Container(container))?;
-        match stdout.trim() {
-            "" => Err(RuntimeError::UnexpectedOutput {
-                command: self.command_for(&args),
-                what: "an image name",
-                output: bounded(&stdout),
-            }),
-            name => Ok(name.to_string()),
-        }
+        self.inspect(container, "{{.ImageName}}", "an image name", |v| {
+            (!v.is_empty()).then(|| v.to_string())
+        })
     }
 
     fn container_id(&self, container: &str) -> Result<String, RuntimeError> {
-        let args = [
-            "container",
-            "inspect",
-            "--format",
-            "{{.Id}}",
-            "--",
-            container,
-        ]
-        .map(OsStr::new);
-        let stdout = self.run(&args, Subject::Container(container))?;
-        match stdout.trim() {
-            id if is_container_id(id) => Ok(id.to_string()),
-            _ => Err(RuntimeError::UnexpectedOutput {
-                command: self.command_for(&args),
-                what: "a container ID",
-                output: bounded(&stdout),
-            }),
-        }
+        self.inspect(container, "{{.Id}}", "a container ID", |v| {
+            is_container_id(v).then(|| v.to_string())
+        })
     }
 
     fn has_image(&self, image_ref: &str) -> Result<bool, RuntimeError> {
@@ -432,6 +393,24 @@ impl Runtime for Podman {
 }
 
 impl Podman {
+    /// One field of `podman container inspect --format FORMAT CONTAINER`, parsed from its
+    /// trimmed output by `parse`; `what` names the expected value when it does not parse.
+    fn inspect<T>(
+        &self,
+        container: &str,
+        format: &str,
+        what: &'static str,
+        parse: impl FnOnce(&str) -> Option<T>,
+    ) -> Result<T, RuntimeError> {
+        let args = ["container", "inspect", "--format", format, "--", container].map(OsStr::new);
+        let stdout = self.run(&args, Subject::Container(container))?;
+        parse(stdout.trim()).ok_or_else(|| RuntimeError::UnexpectedOutput {
+            command: self.command_for(&args),
+            what,
+            output: bounded(&stdout),
+        })
+    }
+
     /// The command line of `podman ARGS` with this prefix, for errors.
     fn command_for(&self, args: &[&OsStr]) -> String {
         let mut words: Vec<&OsStr> = self.prefix.iter().map(OsString::as_os_str).collect();
