@@ -1,4 +1,9 @@
-//! Helpers the end-to-end tests in `tests/` share.
+//! Helpers the end-to-end tests in `tests/` share: [`wait_for`], and HTTP fakes of the two
+//! Kubernetes parts that cannot run on this machine, the API server ([`fake_apiserver`]) and
+//! the kubelet's checkpoint endpoint ([`fake_kubelet`]).
+
+pub mod fake_apiserver;
+pub mod fake_kubelet;
 
 use std::time::{Duration, Instant};
 

@@ -9,11 +9,14 @@
 //! ([`migration`]) and the destination side ([`destination`]).
 
 pub mod archive;
+pub mod cluster;
 pub mod control;
 pub mod daemon;
 pub mod destination;
 pub mod image;
 pub mod inspect;
+pub mod kubelet;
 pub mod lab;
 pub mod migration;
+pub mod pod;
 pub mod runtime;
