@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: demo demo-transport test lint unit deps lab-rootfs bench bench-micro bench-migration fuzz clean
+.PHONY: demo demo-transport test lint lint-k8s unit deps lab-rootfs bench bench-micro bench-migration fuzz clean
 
 ## demo: a real live migration in the lab: bring up node1 and node2 (building the lab root the
 ## first time), start nginx on node1, `migrate web --from node1 --to node2`, fetch the page
@@ -17,11 +17,16 @@ demo-transport: deps
 
 ## test: formatting, clippy, then every test of the workspace (some run podman and CRIU in lab
 ## nodes, so the lab root is built first).
-test: deps lab-rootfs lint unit
+test: deps lab-rootfs lint lint-k8s unit
 
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## lint-k8s: syntax checks of the Kubernetes files that cannot run here: ruby -c Vagrantfile,
+## bash -n and shellcheck on deploy/ and e2e/k8s/ scripts, kubectl kustomize deploy/.
+lint-k8s:
+	./scripts/check-k8s-files.sh
 
 unit:
 	$(CARGO) test --workspace

@@ -8,6 +8,10 @@ command -v zstd >/dev/null || need+=(zstd)
 command -v cc >/dev/null || need+=(gcc)
 command -v make >/dev/null || need+=(make)
 command -v jq >/dev/null || need+=(jq)   # benches/run-migration.sh reads JSON with it
+# scripts/check-k8s-files.sh (make lint-k8s): Vagrantfile syntax, shell scripts, kustomize render.
+command -v ruby >/dev/null || need+=(ruby)
+command -v shellcheck >/dev/null || need+=(shellcheck)
+command -v kubectl >/dev/null || need+=(kubernetes-client)   # Debian's kubectl (1.20 on bookworm)
 if ((${#need[@]})); then
     if [[ $EUID -ne 0 ]]; then
         echo "missing packages: ${need[*]}; run as root or install them" >&2
