@@ -1,4 +1,6 @@
-//! `migrate daemon`: runs the node daemon (engine::daemon) until SIGINT or SIGTERM.
+//! `migrate daemon`: runs the node daemon (engine::daemon) until SIGINT or SIGTERM, with
+//! podman as its runtime, or, given `--kubelet`, as a Kubernetes node's daemon that
+//! checkpoints through the kubelet (engine::crio).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,14 +9,20 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use engine::crio::CrioNode;
 use engine::daemon::{Daemon, DaemonConfig};
-use engine::runtime::Podman;
+use engine::kubelet::{KubeletAuth, KubeletClient};
+use engine::runtime::{Podman, Runtime};
 
 use crate::output::{parse_size, Output};
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
   migrate daemon --listen 0.0.0.0:7400 --certs /etc/migrate/certs --state /var/lib/migrate
+  # a Kubernetes node (deploy/daemonset.yaml runs it so):
+  migrate daemon --certs /run/migrate/tls --kubelet https://10.0.0.5:10250 \\
+      --kubelet-ca /var/run/secrets/kubernetes.io/serviceaccount/ca.crt \\
+      --kubelet-token-file /var/run/secrets/kubernetes.io/serviceaccount/token
 In the lab, `migrate lab up` starts one daemon per node.")]
 pub struct DaemonArgs {
     /// UDP address to listen on (control and transfers).
@@ -38,6 +46,75 @@ pub struct DaemonArgs {
     /// zstd level of the chunks this node sends.
     #[arg(long, default_value_t = 1)]
     level: i32,
+    #[command(flatten)]
+    kubelet: KubeletArgs,
+}
+
+/// A Kubernetes node's daemon: checkpoints through the kubelet.
+#[derive(Debug, Args)]
+struct KubeletArgs {
+    /// The kubelet's URL (e.g. https://10.0.0.5:10250): this node runs Kubernetes with CRI-O,
+    /// and checkpoints are taken through the kubelet's checkpoint API, not podman.
+    #[arg(long)]
+    kubelet: Option<String>,
+    /// CA of the kubelet's serving certificate (the cluster CA when kubelet serving
+    /// certificates are signed by it, as with kubeadm's serverTLSBootstrap).
+    #[arg(long, requires = "kubelet")]
+    kubelet_ca: Option<PathBuf>,
+    /// A bearer token file (a ServiceAccount's, bound to RBAC nodes/checkpoint create).
+    #[arg(long, requires = "kubelet", conflicts_with = "kubelet_client_cert")]
+    kubelet_token_file: Option<PathBuf>,
+    /// A client certificate the kubelet accepts (e.g. kubeadm's apiserver-kubelet-client.crt).
+    #[arg(long, requires_all = ["kubelet", "kubelet_client_key"])]
+    kubelet_client_cert: Option<PathBuf>,
+    /// The key of --kubelet-client-cert.
+    #[arg(long, requires = "kubelet_client_cert")]
+    kubelet_client_key: Option<PathBuf>,
+    /// Where the kubelet writes checkpoint archives (as this daemon sees it).
+    #[arg(long, default_value = "/var/lib/kubelet/checkpoints")]
+    kubelet_checkpoints: PathBuf,
+    /// Seconds the kubelet may take for one checkpoint.
+    #[arg(long, default_value_t = 600)]
+    kubelet_timeout: u64,
+}
+
+impl KubeletArgs {
+    /// The runtime these options ask for: podman, or CRI-O through the kubelet.
+    fn runtime(&self) -> anyhow::Result<Arc<dyn Runtime>> {
+        let Some(url) = &self.kubelet else {
+            return Ok(Arc::new(Podman::local()));
+        };
+        let read = |path: &PathBuf, what: &str| {
+            std::fs::read(path).with_context(|| format!("reading the {what} {}", path.display()))
+        };
+        let ca_file = self.kubelet_ca.as_ref().context(
+            "--kubelet-ca is needed with --kubelet (the kubelet serving certificate's CA)",
+        )?;
+        let ca = read(ca_file, "kubelet CA")?;
+        let auth = match (
+            &self.kubelet_token_file,
+            &self.kubelet_client_cert,
+            &self.kubelet_client_key,
+        ) {
+            (Some(token), _, _) => KubeletAuth::BearerTokenFile(token.clone()),
+            (None, Some(cert), Some(key)) => KubeletAuth::ClientCertificate {
+                cert_pem: read(cert, "kubelet client certificate")?,
+                key_pem: read(key, "kubelet client key")?,
+            },
+            _ => anyhow::bail!(
+                "--kubelet needs credentials: --kubelet-token-file, or --kubelet-client-cert and \
+                 --kubelet-client-key"
+            ),
+        };
+        let client = KubeletClient::direct(url, &ca, auth)
+            .with_context(|| format!("setting up the kubelet client for {url}"))?
+            .with_ca_file(ca_file);
+        Ok(Arc::new(CrioNode::new(
+            client,
+            self.kubelet_checkpoints.clone(),
+            Duration::from_secs(self.kubelet_timeout),
+        )))
+    }
 }
 
 /// Runs the daemon in the foreground.
@@ -52,8 +129,8 @@ pub fn run(args: DaemonArgs, out: &Output) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async {
-        let daemon =
-            Daemon::bind(config, Arc::new(Podman::local())).context("starting the node daemon")?;
+        let runtime = args.kubelet.runtime()?;
+        let daemon = Daemon::bind(config, runtime).context("starting the node daemon")?;
         out.line(format!(
             "migrate daemon of {} listening on {}",
             daemon.node().name,

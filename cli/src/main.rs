@@ -4,6 +4,7 @@
 //! what to check), 2 bad usage.
 
 mod certs;
+mod cluster;
 mod daemon;
 mod inspect;
 mod lab;
@@ -55,6 +56,33 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Installed (or linked) as `kubectl-migrate`, this is the kubectl plugin: `kubectl migrate
+    // POD --from NODE --to NODE` is a Pod migration.
+    let mut argv = std::env::args_os();
+    let program = argv.next().unwrap_or_default();
+    if std::path::Path::new(&program)
+        .file_name()
+        .is_some_and(|n| n == "kubectl-migrate")
+    {
+        init_logging(0, false);
+        let mut words: Vec<OsString> = argv.collect();
+        words.push(
+            if words.is_empty() {
+                "--help"
+            } else {
+                "--kubernetes"
+            }
+            .into(),
+        );
+        let out = output::Output { quiet: false };
+        return match migrate::run(words, &out) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
     let out = output::Output { quiet: cli.quiet };

@@ -3,7 +3,8 @@
 //! event as one JSON object per line, the last one the summary.
 //!
 //! Nodes are found in the lab's state when a lab is up (its daemons, addresses and the
-//! operator certificate it made), or given with `--node NAME=ADDR` and `--certs`. Lab daemons
+//! operator certificate it made), or given with `--node NAME=ADDR` and `--certs`. On a
+//! Kubernetes cluster the name is a Pod's and [`crate::cluster`] takes over. Lab daemons
 //! live in the lab's network namespaces, so in the lab the command re-runs itself inside the
 //! source node's namespace (`ip netns exec`) before it connects.
 
@@ -15,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use engine::control::{self, Event, MigrateRequest, Phase, Request, BASE_IMAGE_ROUND};
+use engine::control::{self, Event, MigrateRequest, Phase, Request, Summary, BASE_IMAGE_ROUND};
 use engine::lab::{self, LabOptions};
 use transport::quic;
 use transport::tls::{NodeIdentity, SERVER_NAME};
@@ -25,46 +26,74 @@ use crate::output::{bytes, Output};
 /// Set in the environment of the command re-run inside a lab namespace.
 const IN_NETNS_ENV: &str = "MIGRATE_IN_NETNS";
 
-/// Migrate a running container to another node.
+/// Migrate a running container, or a Kubernetes Pod, to another node.
 #[derive(Debug, Parser)]
 #[command(name = "migrate", no_binary_name = true)]
 #[command(after_help = "Examples:
   migrate web --from node1 --to node2                  # in the lab (`migrate lab up`)
   migrate web --from node1 --to node2 --json
-  migrate web --from a --to b --node a=10.0.0.1:7400 --node b=10.0.0.2:7400 --certs certs/operator")]
+  migrate web --from a --to b --node a=10.0.0.1:7400 --node b=10.0.0.2:7400 --certs certs/operator
+  migrate nginx --from node1 --to node2 -n default     # a Pod, with your kubeconfig
+  kubectl migrate nginx --from node1 --to node2        # the same, as a kubectl plugin
+
+On Kubernetes the mode is chosen by -n, -c, --kubeconfig, --context or --kubernetes, or by
+a kubeconfig being found when no lab is up and no --node is given.")]
 pub struct MigrateArgs {
-    /// The container's name on the source node (it keeps it on the destination).
-    container: String,
+    /// The container's name on the source node (it keeps it on the destination); on
+    /// Kubernetes, the Pod's name.
+    pub(crate) name: String,
     /// The source node.
     #[arg(long)]
-    from: String,
+    pub(crate) from: String,
     /// The destination node.
     #[arg(long)]
-    to: String,
+    pub(crate) to: String,
+    /// Kubernetes: the Pod's namespace (default: the kubeconfig context's).
+    #[arg(short = 'n', long)]
+    pub(crate) namespace: Option<String>,
+    /// Kubernetes: migrate only this container of the Pod (repeatable; default: all). The
+    /// others restart from their image in the new Pod.
+    #[arg(short = 'c', long = "container")]
+    pub(crate) containers: Vec<String>,
+    /// Kubernetes: the kubeconfig file (default: as kubectl finds it).
+    #[arg(long)]
+    pub(crate) kubeconfig: Option<PathBuf>,
+    /// Kubernetes: the kubeconfig context.
+    #[arg(long)]
+    pub(crate) context: Option<String>,
+    /// Kubernetes, even when nothing else says so.
+    #[arg(long)]
+    pub(crate) kubernetes: bool,
+    /// Kubernetes: the daemons' UDP port on every node (deploy/daemonset.yaml).
+    #[arg(long, default_value_t = control::DEFAULT_PORT)]
+    pub(crate) daemon_port: u16,
+    /// Kubernetes: seconds the new Pod may take to become Ready before it is rolled back.
+    #[arg(long, default_value_t = 180)]
+    pub(crate) ready_timeout: u64,
     /// Pre-copy rounds before the final checkpoint (the container keeps running during them):
     /// a number (0 turns pre-copy off), or `auto`: one round, none when the destination already
     /// holds this container's chunks (it had it before).
     #[arg(long, default_value = "auto", value_parser = parse_precopy)]
-    precopy: Precopy,
+    pub(crate) precopy: Precopy,
     /// Restore through an OCI checkpoint image assembled and imported on the destination (the
     /// way a Kubernetes node restores) instead of straight from the checkpoint archive.
     #[arg(long)]
     via_image: bool,
     /// A node's daemon address, NAME=ADDR:PORT (repeatable); without it, the lab's nodes.
     #[arg(long = "node", value_parser = parse_node)]
-    nodes: Vec<(String, SocketAddr)>,
+    pub(crate) nodes: Vec<(String, SocketAddr)>,
     /// Certificate folder of this client (from `migrate certs init`); the lab's operator
-    /// certificate by default.
+    /// certificate by default, on Kubernetes ~/.config/migrate/certs/operator.
     #[arg(long)]
-    certs: Option<PathBuf>,
+    pub(crate) certs: Option<PathBuf>,
     /// One JSON object per line: every event, then the summary.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 /// `--precopy`: a number of rounds, or `auto` (`None`).
 #[derive(Debug, Clone, Copy)]
-struct Precopy(Option<u32>);
+pub(crate) struct Precopy(pub(crate) Option<u32>);
 
 fn parse_precopy(s: &str) -> Result<Precopy, String> {
     if s == "auto" {
@@ -164,6 +193,13 @@ pub fn run(words: Vec<OsString>, out: &Output) -> anyhow::Result<ExitCode> {
     if args.from == args.to {
         bail!("--from and --to are the same node ({})", args.from);
     }
+    let lab_is_up = lab::read_state(&LabOptions::from_env())
+        .ok()
+        .flatten()
+        .is_some();
+    if crate::cluster::wanted(&args, lab_is_up) {
+        return crate::cluster::run(args, out);
+    }
     let plan = plan(&args)?;
     if let Some(ns) = &plan.netns {
         if std::env::var_os(IN_NETNS_ENV).as_deref() != Some(ns.as_ref()) {
@@ -194,53 +230,72 @@ async fn drive(args: MigrateArgs, plan: Plan, out: &Output) -> anyhow::Result<Ex
         )
     })?;
     let endpoint = quic::client_endpoint(&identity, Some(&args.from), quic::DEFAULT_IDLE_TIMEOUT)?;
-    let connecting = endpoint.connect(plan.from_addr, SERVER_NAME)?;
-    let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
-        .await
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "no answer from the daemon of {} at {} within 10 s: is `migrate daemon` running \
-                 there?",
-                args.from,
-                plan.from_addr
-            )
-        })?
-        .with_context(|| {
-            format!(
-                "connecting to the daemon of {} at {}",
-                args.from, plan.from_addr
-            )
-        })?;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let request = Request::Migrate(MigrateRequest {
-        container: args.container.clone(),
+    let conn = connect(&endpoint, &args.from, plan.from_addr).await?;
+    let request = MigrateRequest {
+        container: args.name.clone(),
         to: plan.to_addr,
         to_node: args.to.clone(),
         precopy: args.precopy.0,
         via_image: args.via_image,
-    });
-    control::write_message(&mut send, &request, &args.from).await?;
-    let _ = send.finish();
+        image_only: false,
+        base_image: None,
+    };
     let mut view = View::new(out, args.json);
+    let outcome = run_on_source(&conn, request, &args.from, &mut view).await;
+    conn.close(0u32.into(), b"done");
+    Ok(match outcome? {
+        Some(_) => ExitCode::SUCCESS,
+        None => ExitCode::FAILURE,
+    })
+}
+
+/// Connects to the daemon of node `name` at `addr`.
+pub(crate) async fn connect(
+    endpoint: &quinn::Endpoint,
+    name: &str,
+    addr: SocketAddr,
+) -> anyhow::Result<quinn::Connection> {
+    let connecting = endpoint.connect(addr, SERVER_NAME)?;
+    tokio::time::timeout(Duration::from_secs(10), connecting)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "no answer from the daemon of {name} at {addr} within 10 s: is `migrate daemon` \
+                 running there, and is UDP port {} open?",
+                addr.port()
+            )
+        })?
+        .with_context(|| {
+            format!(
+                "connecting to the daemon of {name} at {addr} (is this client's certificate \
+                 signed by the daemons' CA?)"
+            )
+        })
+}
+
+/// Asks the source daemon behind `conn` to run one migration, showing its events in `view`.
+/// The summary when it succeeded; `None` when it failed (the failure was shown).
+pub(crate) async fn run_on_source(
+    conn: &quinn::Connection,
+    request: MigrateRequest,
+    from: &str,
+    view: &mut View<'_>,
+) -> anyhow::Result<Option<Summary>> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    control::write_message(&mut send, &Request::Migrate(request), from).await?;
+    let _ = send.finish();
     loop {
-        let event: Option<Event> = control::read_message(&mut recv, &args.from).await?;
+        let event: Option<Event> = control::read_message(&mut recv, from).await?;
         let Some(event) = event else {
             bail!(
-                "the daemon of {} stopped reporting before the migration ended: see its log; \
-                 check with `podman ps` on both nodes where the container is",
-                args.from
+                "the daemon of {from} stopped reporting before the migration ended: see its \
+                 log; check on both nodes where the container is"
             );
         };
         view.show(&event);
         match event {
-            Event::Done(_) => {
-                conn.close(0u32.into(), b"done");
-                return Ok(ExitCode::SUCCESS);
-            }
-            Event::Failed { .. } => {
-                conn.close(0u32.into(), b"done");
-                return Ok(ExitCode::FAILURE);
-            }
+            Event::Done(summary) => return Ok(Some(summary)),
+            Event::Failed { .. } => return Ok(None),
             _ => {}
         }
     }
@@ -248,22 +303,32 @@ async fn drive(args: MigrateArgs, plan: Plan, out: &Output) -> anyhow::Result<Ex
 
 /// Shows events to people (phases on stderr, a progress bar while bytes move, the summary on
 /// stdout) or as JSON lines.
-struct View<'a> {
+pub(crate) struct View<'a> {
     out: &'a Output,
     json: bool,
     bar: Option<indicatif::ProgressBar>,
+    /// The migrations make checkpoint images for a Pod (Kubernetes): nothing stops, and the
+    /// summary is the image.
+    pods: bool,
 }
 
 impl<'a> View<'a> {
-    fn new(out: &'a Output, json: bool) -> Self {
+    pub(crate) fn new(out: &'a Output, json: bool) -> Self {
         Self {
             out,
             json,
             bar: None,
+            pods: false,
         }
     }
 
-    fn show(&mut self, event: &Event) {
+    /// A view of the checkpoint-image migrations of a Pod's containers.
+    pub(crate) fn for_pods(mut self) -> Self {
+        self.pods = true;
+        self
+    }
+
+    pub(crate) fn show(&mut self, event: &Event) {
         if self.json {
             self.out.json(event);
             // A failure is also said in words, on stderr.
@@ -289,7 +354,11 @@ impl<'a> View<'a> {
                     (Phase::Precopy, Some(r)) => {
                         format!("pre-copy round {r}: checkpoint (container keeps running), send")
                     }
+                    (Phase::Checkpoint, _) if self.pods => {
+                        "checkpoint through the kubelet (the container keeps running)".into()
+                    }
                     (Phase::Checkpoint, _) => "final checkpoint (the container stops)".into(),
+                    (Phase::Transfer, _) if self.pods => "sending the checkpoint".into(),
                     (Phase::Transfer, _) => "sending what changed".into(),
                     (Phase::Assemble, _) => "assembling and importing the image".into(),
                     (Phase::Restore, _) => "restoring on the destination".into(),
@@ -334,6 +403,19 @@ impl<'a> View<'a> {
                         "  {which}: {} checkpoint, {} over the wire, {seconds:.1} s",
                         bytes(*archive_bytes),
                         bytes(*wire_bytes)
+                    );
+                }
+            }
+            Event::Done(s) if self.pods => {
+                self.finish_bar();
+                if !self.out.quiet {
+                    eprintln!(
+                        "  {}: checkpoint image {} on {}; checkpoint {}, {} over the wire",
+                        s.container,
+                        s.image.as_deref().unwrap_or("?"),
+                        s.to,
+                        bytes(s.archive_bytes),
+                        bytes(s.wire_bytes_total)
                     );
                 }
             }

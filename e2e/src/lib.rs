@@ -4,6 +4,7 @@
 
 pub mod fake_apiserver;
 pub mod fake_kubelet;
+pub mod lab;
 
 use std::time::{Duration, Instant};
 

@@ -16,163 +16,13 @@
 //! Each test has its own lab (state directory, namespace prefix), so they run in parallel.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use e2e::lab::{count, start_counter, start_counter_named, Lab};
 use e2e::wait_for;
-use engine::lab::{self, LabOptions, LabState};
+use engine::lab;
 use serde_json::Value;
-
-/// The `migrate` binary of this build (target/<profile>/migrate, beside target/<profile>/deps).
-fn migrate_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps")
-        .join("migrate");
-    assert!(
-        bin.exists(),
-        "{} not found: build it first (`cargo build -p cli`; `cargo test --workspace` does)",
-        bin.display()
-    );
-    bin
-}
-
-/// A lab of two nodes, with daemons, torn down on drop.
-struct Lab {
-    opts: LabOptions,
-    state: LabState,
-    a: String,
-    b: String,
-}
-
-impl Lab {
-    fn up(tag: &str) -> Lab {
-        lab::check_ready(&LabOptions::default()).unwrap_or_else(|e| panic!("{tag}: {e}"));
-        let opts = LabOptions {
-            state_dir: PathBuf::from(format!("/tmp/migrate-e2e-mig-{tag}")),
-            prefix: format!("mlmig-{tag}"),
-            daemon_binary: Some(migrate_binary()),
-            ..LabOptions::default()
-        };
-        let _ = lab::down(&opts);
-        let (a, b) = (format!("{tag}1"), format!("{tag}2"));
-        let t = Instant::now();
-        let state = lab::up(&[a.clone(), b.clone()], &opts)
-            .expect("lab up")
-            .state;
-        println!("lab {tag} up: {:.1} s", t.elapsed().as_secs_f64());
-        Lab { opts, state, a, b }
-    }
-
-    /// Runs `cmd` in `node`: (exit code, stdout).
-    fn run(&self, node: &str, cmd: &[&str]) -> (i32, String) {
-        let out = lab::command(node, cmd, &self.opts)
-            .unwrap()
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let shown: String = stdout.chars().take(400).collect();
-        println!("[{node}] $ {}\n{shown}{stderr}", cmd.join(" "));
-        (out.status.code().unwrap_or(-1), stdout)
-    }
-
-    fn ok(&self, node: &str, cmd: &[&str]) -> String {
-        let (code, out) = self.run(node, cmd);
-        assert_eq!(code, 0, "`{}` failed in {node}", cmd.join(" "));
-        out
-    }
-
-    /// `migrate ARGS...` as a user types it, in this lab.
-    fn migrate_command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(migrate_binary());
-        c.args(args)
-            .env("MIGRATE_LAB_DIR", &self.opts.state_dir)
-            .env("MIGRATE_LAB_PREFIX", &self.opts.prefix)
-            .stdin(Stdio::null());
-        c
-    }
-
-    /// Runs `migrate CONTAINER --from FROM --to TO --json EXTRA...`: (success, events).
-    fn migrate(&self, container: &str, from: &str, to: &str, extra: &[&str]) -> (bool, Vec<Value>) {
-        let mut args = vec![container, "--from", from, "--to", to, "--json"];
-        args.extend_from_slice(extra);
-        let out: Output = self.migrate_command(&args).output().unwrap();
-        let events = parse_events(&String::from_utf8_lossy(&out.stdout));
-        println!(
-            "$ migrate {}\n{}\n{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), events)
-    }
-
-    fn exists(&self, node: &str, container: &str) -> bool {
-        self.run(node, &["podman", "container", "exists", container])
-            .0
-            == 0
-    }
-
-    /// Images the migrations imported into `node` (`localhost/migrate/...`).
-    fn migration_images(&self, node: &str) -> Vec<String> {
-        self.ok(
-            node,
-            &["podman", "images", "--format", "{{.Repository}}:{{.Tag}}"],
-        )
-        .lines()
-        .filter(|l| l.starts_with("localhost/migrate/"))
-        .map(str::to_string)
-        .collect()
-    }
-
-    /// Files in the daemon's work folder of `node`, seen from the host.
-    fn work_files(&self, node: &str) -> Vec<String> {
-        let n = self.state.nodes.iter().find(|n| n.name == node).unwrap();
-        let work = n.dir.join("containers/migrate/work");
-        walk(&work)
-    }
-
-    fn address(&self, node: &str) -> String {
-        let n = self.state.nodes.iter().find(|n| n.name == node).unwrap();
-        n.address.to_string()
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        if let Err(e) = lab::down(&self.opts) {
-            eprintln!("lab down: {e}");
-        }
-    }
-}
-
-fn walk(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p.display().to_string());
-            }
-        }
-    }
-    out
-}
-
-fn parse_events(stdout: &str) -> Vec<Value> {
-    stdout
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect()
-}
 
 /// The summary: the last event, which must be `done`.
 fn summary(events: &[Value]) -> &Value {
@@ -190,38 +40,6 @@ fn summary(events: &[Value]) -> &Value {
         assert!(last[key].is_number(), "summary lacks {key}: {last}");
     }
     last
-}
-
-const COUNTER_LOOP: &str =
-    "i=0; while :; do i=$((i+1)); echo $i > /c.tmp; mv /c.tmp /c; sleep 0.05; done";
-
-fn start_counter(lab: &Lab, node: &str) {
-    start_counter_named(lab, node, "counter");
-}
-
-fn start_counter_named(lab: &Lab, node: &str, name: &str) {
-    lab.ok(
-        node,
-        &[
-            "podman",
-            "run",
-            "-d",
-            "--name",
-            name,
-            lab::BUSYBOX_IMAGE,
-            "sh",
-            "-c",
-            COUNTER_LOOP,
-        ],
-    );
-}
-
-fn count(lab: &Lab, node: &str) -> Option<u64> {
-    let (code, out) = lab.run(node, &["podman", "exec", "counter", "cat", "/c"]);
-    if code != 0 {
-        return None;
-    }
-    out.trim().parse().ok()
 }
 
 /// Waits until the counter in `node` passes `above`; returns the value seen.

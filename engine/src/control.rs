@@ -67,15 +67,21 @@ pub enum Request {
     RestoreArchive(StepRequest),
     /// Source → destination daemon: check that the restored container runs.
     Verify(StepRequest),
-    /// Source → destination daemon: the migration failed; remove everything it made there.
+    /// Source (or, on Kubernetes, the CLI) → destination daemon: the migration failed; remove
+    /// everything it made there.
     Abort {
         /// The migration.
         migration_id: String,
     },
-    /// Source → destination daemon: the migration succeeded; delete its checkpoint files.
+    /// Source (or, on Kubernetes, the CLI) → destination daemon: the migration succeeded;
+    /// delete its checkpoint files.
     Finish {
         /// The migration.
         migration_id: String,
+        /// Keep the checkpoint image: a Pod restored by CRI-O names it as its image, and the
+        /// kubelet needs it again if the container restarts.
+        #[serde(default)]
+        keep_image: bool,
     },
     /// Anyone → daemon: who and what are you (a readiness probe).
     Status,
@@ -101,6 +107,17 @@ pub struct MigrateRequest {
     /// as a Kubernetes node needs it) instead of straight from the archive.
     #[serde(default)]
     pub via_image: bool,
+    /// Stop once the checkpoint image is imported on the destination, and report it
+    /// ([`Summary::image`]): on Kubernetes the kubelet restores it, in a Pod the CLI creates.
+    /// The source keeps running (the kubelet's checkpoint always leaves it running) and is
+    /// never removed by the daemon. Pre-copy defaults to 0: with nothing frozen, a round
+    /// would only add time.
+    #[serde(default)]
+    pub image_only: bool,
+    /// The container's image, when the caller knows it better than the runtime (a Pod's spec
+    /// names it; the kubelet does not say).
+    #[serde(default)]
+    pub base_image: Option<String>,
 }
 
 /// A migration announced to its destination.
@@ -118,6 +135,10 @@ pub struct PrepareRequest {
     /// checkpoint of this very container ([`KNOWS_CONTAINER`]).
     #[serde(default)]
     pub container_id: Option<String>,
+    /// Only a checkpoint image is wanted here (Kubernetes): no container of that name will be
+    /// made, so a clash with an existing one is not checked.
+    #[serde(default)]
+    pub image_only: bool,
 }
 
 /// Its reply's `detail` says `"knows_container": true` when its chunk store already holds a
@@ -293,6 +314,9 @@ pub struct Summary {
     pub downtime_seconds: f64,
     /// Seconds per phase, in order.
     pub phases: Vec<(Phase, f64)>,
+    /// The checkpoint image on the destination, for an `image_only` migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 /// Writes one message.
@@ -391,6 +415,8 @@ mod tests {
             to_node: "node2".into(),
             precopy: Some(1),
             via_image: false,
+            image_only: true,
+            base_image: Some("localhost/lab/busybox:latest".into()),
         });
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains(r#""request":"migrate""#), "{json}");

@@ -336,7 +336,10 @@ async fn handle(node: &Arc<Node>, request: Request) -> Reply {
         Request::RestoreArchive(req) => d.restore_archive(node, req).await,
         Request::Verify(req) => d.verify(node, req).await,
         Request::Abort { migration_id } => d.abort(node, &migration_id).await,
-        Request::Finish { migration_id } => d.finish(node, &migration_id).await,
+        Request::Finish {
+            migration_id,
+            keep_image,
+        } => d.finish(node, &migration_id, keep_image).await,
         Request::Migrate(_) | Request::Transfer(_) => unreachable!("handled by the caller"),
     }
 }

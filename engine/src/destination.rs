@@ -123,22 +123,10 @@ impl Destinations {
         {
             return error(format!("migration {} is already here", req.migration_id));
         }
-        let runtime = node.runtime.clone();
-        let name = req.container.clone();
-        match blocking(move || runtime.is_running(&name)).await {
-            Err(RuntimeError::NoSuchContainer { .. }) => {}
-            Ok(_) => {
-                return error(format!(
-                    "a container named {:?} already exists on {}: remove it there first \
-                     (`podman rm {}`), or it would clash with the restored one",
-                    req.container, node.name, req.container
-                ))
-            }
-            Err(e) => {
-                return error(format!(
-                    "the container engine on {} does not answer: {e}",
-                    node.name
-                ))
+        // On Kubernetes only an image is made here: the kubelet creates the container.
+        if !req.image_only {
+            if let Err(reply) = no_container_named(node, &req.container).await {
+                return reply;
             }
         }
         let has_base_image = match req.base_image.clone() {
@@ -302,7 +290,7 @@ impl Destinations {
             let layout = dir.join("image");
             let options = ImageOptions {
                 link_archive: true,
-                ..ImageOptions::new(r)
+                ..ImageOptions::new(r.clone())
             };
             let built = image::write_layout(&a, &layout, &options);
             let _ = std::fs::remove_file(&a);
@@ -311,7 +299,19 @@ impl Destinations {
                 return Err(format!("building the checkpoint image: {e}"));
             }
             let built_after = started.elapsed();
-            let loaded = runtime.import_image(&layout);
+            // Loaded from a directory, the image has no name yet: it gets the migration's tag.
+            let loaded = runtime.import_image(&layout).and_then(|id| {
+                if id == r {
+                    return Ok(id);
+                }
+                match runtime.tag_image(&id, &r) {
+                    Ok(()) => Ok(r.clone()),
+                    Err(e) => {
+                        let _ = runtime.remove_image(&id);
+                        Err(e)
+                    }
+                }
+            });
             let _ = std::fs::remove_dir_all(&layout);
             info!(
                 build = built_after.as_secs_f64(),
@@ -473,9 +473,9 @@ impl Destinations {
         }
     }
 
-    /// The migration succeeded: delete its files and the checkpoint image (the restored
-    /// container does not need it), keep the container.
-    pub async fn finish(&self, node: &Arc<Node>, migration_id: &str) -> Reply {
+    /// The migration succeeded: delete its files and, unless `keep_image`, the checkpoint
+    /// image (a container Podman restored does not need it), keep the container.
+    pub async fn finish(&self, node: &Arc<Node>, migration_id: &str, keep_image: bool) -> Reply {
         let Some(inc) = self
             .inner
             .lock()
@@ -484,7 +484,7 @@ impl Destinations {
         else {
             return error(format!("no migration {migration_id} on {}", node.name));
         };
-        if let Some(image) = inc.image.clone() {
+        if let Some(image) = inc.image.clone().filter(|_| !keep_image) {
             let runtime = node.runtime.clone();
             if let Err(e) = blocking(move || runtime.remove_image(&image)).await {
                 warn!(%migration_id, error = %e, "the checkpoint image stays");
@@ -512,6 +512,24 @@ impl Destinations {
             warn!(migration_id = %id, "incoming migration idle too long; its source is gone");
             let _ = self.abort(node, &id).await;
         }
+    }
+}
+
+/// Ok when `node` has no container named `name`, which the restored one would clash with.
+async fn no_container_named(node: &Arc<Node>, name: &str) -> Result<(), Reply> {
+    let runtime = node.runtime.clone();
+    let n = name.to_string();
+    match blocking(move || runtime.is_running(&n)).await {
+        Err(RuntimeError::NoSuchContainer { .. }) => Ok(()),
+        Ok(_) => Err(error(format!(
+            "a container named {name:?} already exists on {}: remove it there first \
+             (`podman rm {name}`), or it would clash with the restored one",
+            node.name
+        ))),
+        Err(e) => Err(error(format!(
+            "the container engine on {} does not answer: {e}",
+            node.name
+        ))),
     }
 }
 

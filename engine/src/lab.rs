@@ -469,17 +469,27 @@ fn install_daemon_binary(opts: &LabOptions) -> Result<Option<PathBuf>> {
 /// with the node's certificate and state in [`DAEMON_STATE`]) and waits until it listens. Its
 /// output goes to `nodes/<node>.daemon.log`. Used by `up`, and by tests that restart a daemon.
 pub fn start_daemon(node: &str, opts: &LabOptions) -> Result<()> {
+    start_daemon_with(node, opts, &[])
+}
+
+/// [`start_daemon`] with more options for `migrate daemon` (e.g. `--kubelet URL ...`, which
+/// makes the node a Kubernetes node's daemon), each a single word.
+pub fn start_daemon_with(node: &str, opts: &LabOptions, extra: &[&str]) -> Result<()> {
     let state = read_state(opts)?.ok_or_else(|| LabError::NotUp(opts.state_file()))?;
     let n = find_node(&state, node)?;
     write_scripts(opts)?;
     let log_path = opts.nodes_dir().join(format!("{node}.daemon.log"));
     let log = fs::File::create(&log_path).map_err(io("creating", &log_path))?;
     let log2 = log.try_clone().map_err(io("opening", &log_path))?;
-    let inner = format!(
+    let mut inner = format!(
         "echo $$ > {DAEMON_PID}; exec {DAEMON_BIN_DIR}/migrate -v daemon --listen {} --certs /lab \
          --state {DAEMON_STATE} --idle-timeout 10 --resume-timeout 10",
         n.daemon_addr()
     );
+    for word in extra {
+        // Single-quoted for sh: a `'` inside becomes `'\''`.
+        inner.push_str(&format!(" '{}'", word.replace('\'', "'\\''")));
+    }
     let status = Command::new("setsid")
         .args(["--fork", "bash"])
         .arg(opts.script("exec.sh"))

@@ -7,10 +7,17 @@
 //! tears down the local lab of nodes (`migrate lab`). [`daemon`] is the node daemon: it speaks
 //! [`control`] with the CLI and other daemons, runs the source side of a migration
 //! ([`migration`]) and the destination side ([`destination`]).
+//!
+//! On Kubernetes: [`kubelet`] is the client of the kubelet's checkpoint API, [`crio`] the
+//! runtime seam of a CRI-O node built on it (checkpoints through the kubelet, images through
+//! podman on the shared containers-storage), [`pod`] the rules of which Pods can move and what
+//! their replacement looks like, and [`cluster`] the API-server side of a Pod migration
+//! (checks, the new Pod pinned with `nodeName`, waiting for it, letting the source go, rollback).
 
 pub mod archive;
 pub mod cluster;
 pub mod control;
+pub mod crio;
 pub mod daemon;
 pub mod destination;
 pub mod image;

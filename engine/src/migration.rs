@@ -167,6 +167,138 @@ impl Migration {
         let container = self.req.container.clone();
         // Plan: the container runs here, the destination answers and can take it.
         self.enter(Phase::Plan, None).await;
+        let (base_image, container_id) = if self.req.image_only {
+            (self.pod_container_image().await?, None)
+        } else {
+            let (image, id) = self.plan_podman_container().await?;
+            (image, Some(id))
+        };
+        let conn = self.connect().await?;
+        self.dest = Some(conn.clone());
+        let prepared = self
+            .call(Request::Prepare(PrepareRequest {
+                migration_id: self.id.clone(),
+                container: container.clone(),
+                base_image: Some(base_image.clone()),
+                container_id: container_id.clone(),
+                image_only: self.req.image_only,
+            }))
+            .await?;
+        let dir = self.dir()?;
+
+        // The destination lacks the base image (no registry, or a private one): send it too,
+        // through the same deduplicating transfer.
+        if prepared["has_base_image"] == false {
+            self.enter(Phase::StageImage, None).await;
+            let started = Instant::now();
+            let path = dir.join("base-image.tar");
+            let runtime = self.node.runtime.clone();
+            let (image, p) = (base_image.clone(), path.clone());
+            blocking(move || runtime.save_image(&image, &p))
+                .await
+                .map_err(|e| self.fail(format!("saving the base image {base_image}: {e}")))?;
+            let sent = self.send(BASE_IMAGE_ROUND, &path).await;
+            let _ = std::fs::remove_file(&path);
+            let report = sent?;
+            self.round_done(BASE_IMAGE_ROUND, &report, started).await;
+            self.call(Request::StageImage(StepRequest {
+                migration_id: self.id.clone(),
+                container: container.clone(),
+            }))
+            .await?;
+        }
+
+        // Pre-copy rounds: the container keeps running; the destination's store warms up.
+        let precopy = self.req.precopy.unwrap_or(
+            if self.req.image_only || prepared[KNOWS_CONTAINER] == true {
+                0
+            } else {
+                1
+            },
+        );
+        for round in 1..=precopy {
+            self.enter(Phase::Precopy, Some(round)).await;
+            let started = Instant::now();
+            let path = dir.join(format!("precopy-{round}.tar"));
+            self.checkpoint(&path, true).await?;
+            let sent = self.send(round, &path).await;
+            let _ = std::fs::remove_file(&path);
+            let report = sent?;
+            self.round_done(round, &report, started).await;
+        }
+
+        // The final checkpoint: the container freezes and stops here (on Kubernetes it keeps
+        // running until its Pod is replaced).
+        self.enter(Phase::Checkpoint, None).await;
+        let downtime_started = Instant::now();
+        let path = dir.join("checkpoint.tar");
+        self.checkpoint(&path, self.req.image_only).await?;
+        self.stopped = !self.req.image_only;
+        self.archive = Some(path.clone());
+
+        self.enter(Phase::Transfer, None).await;
+        let started = Instant::now();
+        let report = self.send(0, &path).await?;
+        self.round_done(0, &report, started).await;
+
+        let step = StepRequest {
+            migration_id: self.id.clone(),
+            container: container.clone(),
+        };
+        if self.req.image_only {
+            self.enter(Phase::Assemble, None).await;
+            let assembled = self.call(Request::Assemble(step)).await?;
+            let image = assembled["image"].as_str().map(str::to_string);
+            return Ok(self.image_only_summary(&path, report, precopy, image).await);
+        }
+        let restored = if self.req.via_image {
+            self.enter(Phase::Assemble, None).await;
+            self.call(Request::Assemble(step.clone())).await?;
+            self.enter(Phase::Restore, None).await;
+            self.call(Request::Restore(step.clone())).await?
+        } else {
+            self.enter(Phase::Restore, None).await;
+            self.call(Request::RestoreArchive(step.clone())).await?
+        };
+        self.enter(Phase::Verify, None).await;
+        self.call(Request::Verify(step)).await?;
+        let downtime = downtime_started.elapsed().as_secs_f64();
+
+        // Cleanup: the copy runs on the destination; only now does the source let go.
+        self.enter(Phase::Cleanup, None).await;
+        if let Err(f) = self
+            .call(Request::Finish {
+                migration_id: self.id.clone(),
+                keep_image: false,
+            })
+            .await
+        {
+            warn!(error = %f.message, "the destination could not clean up its checkpoint files");
+        }
+        let runtime = self.node.runtime.clone();
+        let c = container.clone();
+        if let Err(e) = blocking(move || runtime.remove_container(&c)).await {
+            warn!(error = %e, "removing the stopped source container failed; remove it by hand");
+        }
+        self.stopped = false;
+        // Taken here, before the summary goes out: a migration coming straight back waits
+        // for these chunks (see `Node::ingesting`).
+        let held = self.node.ingesting.clone().lock_owned().await;
+        self.keep_chunks(&path, held);
+        // This node's store holds the container's chunks, under its ID here and there (a
+        // restore through an image gives it a new one).
+        if let Some(id) = &container_id {
+            self.node.remember_container(id);
+        }
+        if let Some(id) = restored["container_id"].as_str() {
+            self.node.remember_container(id);
+        }
+        Ok(self.summary(&report, precopy, downtime, None))
+    }
+
+    /// The plan of a Podman container: it runs here and is asked for by name; its image and ID.
+    async fn plan_podman_container(&self) -> Result<(String, String), Failure> {
+        let container = self.req.container.clone();
         let runtime = self.node.runtime.clone();
         let c = container.clone();
         match blocking(move || runtime.is_running(&c)).await {
@@ -201,120 +333,49 @@ impl Migration {
                 self.node.name
             )));
         }
-        let conn = self.connect().await?;
-        self.dest = Some(conn.clone());
-        let prepared = self
-            .call(Request::Prepare(PrepareRequest {
-                migration_id: self.id.clone(),
-                container: container.clone(),
-                base_image: Some(base_image.clone()),
-                container_id: Some(container_id.clone()),
-            }))
-            .await?;
-        let dir = self.dir()?;
+        Ok((base_image, container_id))
+    }
 
-        // The destination lacks the base image (no registry, or a private one): send it too,
-        // through the same deduplicating transfer.
-        if prepared["has_base_image"] == false {
-            self.enter(Phase::StageImage, None).await;
-            let started = Instant::now();
-            let path = dir.join("base-image.tar");
-            let runtime = self.node.runtime.clone();
-            let (image, p) = (base_image.clone(), path.clone());
-            blocking(move || runtime.save_image(&image, &p))
-                .await
-                .map_err(|e| self.fail(format!("saving the base image {base_image}: {e}")))?;
-            let sent = self.send(BASE_IMAGE_ROUND, &path).await;
-            let _ = std::fs::remove_file(&path);
-            let report = sent?;
-            self.round_done(BASE_IMAGE_ROUND, &report, started).await;
-            self.call(Request::StageImage(StepRequest {
-                migration_id: self.id.clone(),
-                container: container.clone(),
-            }))
-            .await?;
-        }
-
-        // Pre-copy rounds: the container keeps running; the destination's store warms up.
-        let precopy = self
-            .req
-            .precopy
-            .unwrap_or(if prepared[KNOWS_CONTAINER] == true {
-                0
-            } else {
-                1
-            });
-        for round in 1..=precopy {
-            self.enter(Phase::Precopy, Some(round)).await;
-            let started = Instant::now();
-            let path = dir.join(format!("precopy-{round}.tar"));
-            self.checkpoint(&path, true).await?;
-            let sent = self.send(round, &path).await;
-            let _ = std::fs::remove_file(&path);
-            let report = sent?;
-            self.round_done(round, &report, started).await;
-        }
-
-        // The final checkpoint: the container freezes and stops here.
-        self.enter(Phase::Checkpoint, None).await;
-        let downtime_started = Instant::now();
-        let path = dir.join("checkpoint.tar");
-        self.checkpoint(&path, false).await?;
-        self.stopped = true;
-        self.archive = Some(path.clone());
-
-        self.enter(Phase::Transfer, None).await;
-        let started = Instant::now();
-        let report = self.send(0, &path).await?;
-        self.round_done(0, &report, started).await;
-
-        let step = StepRequest {
-            migration_id: self.id.clone(),
-            container: container.clone(),
-        };
-        let restored = if self.req.via_image {
-            self.enter(Phase::Assemble, None).await;
-            self.call(Request::Assemble(step.clone())).await?;
-            self.enter(Phase::Restore, None).await;
-            self.call(Request::Restore(step.clone())).await?
-        } else {
-            self.enter(Phase::Restore, None).await;
-            self.call(Request::RestoreArchive(step.clone())).await?
-        };
-        self.enter(Phase::Verify, None).await;
-        self.call(Request::Verify(step)).await?;
-        let downtime = downtime_started.elapsed().as_secs_f64();
-
-        // Cleanup: the copy runs on the destination; only now does the source let go.
-        self.enter(Phase::Cleanup, None).await;
-        if let Err(f) = self
-            .call(Request::Finish {
-                migration_id: self.id.clone(),
-            })
-            .await
-        {
-            warn!(error = %f.message, "the destination could not clean up its checkpoint files");
+    /// The image of a Pod's container: the caller (the CLI, from the Pod's spec) says it; the
+    /// API server, not this daemon, knows that the Pod runs.
+    async fn pod_container_image(&self) -> Result<String, Failure> {
+        if let Some(image) = &self.req.base_image {
+            return Ok(image.clone());
         }
         let runtime = self.node.runtime.clone();
-        let c = container.clone();
-        if let Err(e) = blocking(move || runtime.remove_container(&c)).await {
-            warn!(error = %e, "removing the stopped source container failed; remove it by hand");
-        }
-        self.stopped = false;
-        // Taken here, before the summary goes out: a migration coming straight back waits
-        // for these chunks (see `Node::ingesting`).
+        let c = self.req.container.clone();
+        blocking(move || runtime.image_of(&c))
+            .await
+            .map_err(|e| self.fail(format!("finding the container's image: {e}")))
+    }
+
+    /// The end of an `image_only` migration: the image waits on the destination for the Pod
+    /// that will name it; the source still runs, and its chunks are kept here.
+    async fn image_only_summary(
+        &mut self,
+        path: &Path,
+        report: SendReport,
+        precopy: u32,
+        image: Option<String>,
+    ) -> Summary {
         let held = self.node.ingesting.clone().lock_owned().await;
-        self.keep_chunks(&path, held);
-        // This node's store holds the container's chunks, under its ID here and there (a
-        // restore through an image gives it a new one).
-        self.node.remember_container(&container_id);
-        if let Some(id) = restored["container_id"].as_str() {
-            self.node.remember_container(id);
-        }
+        self.keep_chunks(path, held);
+        // Nothing was stopped: the Pod that replaces the source decides the switch-over.
+        self.summary(&report, precopy, 0.0, image)
+    }
+
+    /// The summary of a migration that succeeded.
+    fn summary(
+        &mut self,
+        report: &SendReport,
+        precopy: u32,
+        downtime_seconds: f64,
+        image: Option<String>,
+    ) -> Summary {
         self.close_phase();
-        Ok(Summary {
+        Summary {
             migration_id: self.id.clone(),
-            container,
+            container: self.req.container.clone(),
             from: self.node.name.clone(),
             to: self.req.to_node.clone(),
             archive_bytes: report.input_bytes,
@@ -322,9 +383,10 @@ impl Migration {
             wire_bytes_total: self.wire_total,
             precopy_rounds: precopy,
             total_seconds: self.started.elapsed().as_secs_f64(),
-            downtime_seconds: downtime,
+            downtime_seconds,
             phases: self.phases.clone(),
-        })
+            image,
+        }
     }
 
     /// Opens the control connection to the destination daemon.
@@ -472,6 +534,12 @@ impl Migration {
                     clean = false;
                 }
             }
+        }
+        if self.req.image_only {
+            // The kubelet's checkpoint left the container running; the API server, not this
+            // daemon, knows its Pod.
+            self.close_phase();
+            return (true, clean);
         }
         let runtime = self.node.runtime.clone();
         let container = self.req.container.clone();

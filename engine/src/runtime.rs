@@ -116,6 +116,21 @@ pub enum RuntimeError {
         /// podman's stderr, trimmed and bounded.
         stderr: String,
     },
+    /// This node's runtime does not do that (a Kubernetes node leaves restores and removals to
+    /// the kubelet).
+    #[error("{runtime} does not {operation}")]
+    Unsupported {
+        /// What was asked.
+        operation: &'static str,
+        /// The runtime asked.
+        runtime: String,
+    },
+    /// The kubelet's checkpoint call, or taking its archive, failed.
+    #[error("{message}")]
+    Kubelet {
+        /// What failed and what to check (from [`crate::kubelet::KubeletError`]).
+        message: String,
+    },
     /// The command succeeded but printed something we could not read.
     #[error("`{command}` succeeded but its output is not what was expected ({what}): {output:?}")]
     UnexpectedOutput {
@@ -147,6 +162,9 @@ pub trait Runtime: Send + Sync + fmt::Debug {
     /// directory, or an image archive from [`Runtime::save_image`]) into the node's image
     /// store; returns the reference it was loaded under.
     fn import_image(&self, oci_archive: &Path) -> Result<String, RuntimeError>;
+
+    /// Gives `image` (an ID or reference) the extra name `reference`.
+    fn tag_image(&self, image: &str, reference: &str) -> Result<(), RuntimeError>;
 
     /// Restores a container from a checkpoint image, named `name` or as it was checkpointed;
     /// returns the new container's ID.
@@ -291,6 +309,11 @@ impl Runtime for Podman {
             what: "a `Loaded image: REF` line",
             output: bounded(&stdout),
         })
+    }
+
+    fn tag_image(&self, image: &str, reference: &str) -> Result<(), RuntimeError> {
+        let args = ["tag", image, reference].map(OsStr::new);
+        self.run(&args, Subject::Image(image)).map(drop)
     }
 
     fn restore(&self, image_ref: &str, name: Option<&str>) -> Result<String, RuntimeError> {

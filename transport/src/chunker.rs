@@ -275,7 +275,7 @@ mod tests {
     impl Read for Trickle<'_> {
         fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
             self.calls += 1;
-            if self.calls % 3 == 0 {
+            if self.calls.is_multiple_of(3) {
                 return Err(io::Error::from(io::ErrorKind::Interrupted));
             }
             let n = self.step.min(out.len()).min(self.data.len());

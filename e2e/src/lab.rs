@@ -1,0 +1,210 @@
+//! The two-node lab as the end-to-end tests drive it: [`Lab`] brings up its own lab (state
+//! directory and namespace prefix from a tag, so tests run in parallel), runs commands in its
+//! nodes, runs the `migrate` binary of this build as a user types it, and tears it all down
+//! on drop. Plus the counter container the migration tests move.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Instant;
+
+use engine::lab::{self, LabOptions, LabState};
+use serde_json::Value;
+
+/// The `migrate` binary of this build (target/<profile>/migrate, beside target/<profile>/deps).
+pub fn migrate_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .join("migrate");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`cargo build -p cli`; `cargo test --workspace` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A lab of two nodes, with daemons, torn down on drop.
+#[derive(Debug)]
+pub struct Lab {
+    /// Where its state lives and what its names start with.
+    pub opts: LabOptions,
+    /// Its nodes, as `lab up` recorded them.
+    pub state: LabState,
+    /// The first node's name (`<tag>1`).
+    pub a: String,
+    /// The second node's name (`<tag>2`).
+    pub b: String,
+}
+
+impl Lab {
+    pub fn up(tag: &str) -> Lab {
+        lab::check_ready(&LabOptions::default()).unwrap_or_else(|e| panic!("{tag}: {e}"));
+        let opts = LabOptions {
+            state_dir: PathBuf::from(format!("/tmp/migrate-e2e-mig-{tag}")),
+            prefix: format!("mlmig-{tag}"),
+            daemon_binary: Some(migrate_binary()),
+            ..LabOptions::default()
+        };
+        let _ = lab::down(&opts);
+        let (a, b) = (format!("{tag}1"), format!("{tag}2"));
+        let t = Instant::now();
+        let state = lab::up(&[a.clone(), b.clone()], &opts)
+            .expect("lab up")
+            .state;
+        println!("lab {tag} up: {:.1} s", t.elapsed().as_secs_f64());
+        Lab { opts, state, a, b }
+    }
+
+    /// Runs `cmd` in `node`: (exit code, stdout).
+    pub fn run(&self, node: &str, cmd: &[&str]) -> (i32, String) {
+        let out = lab::command(node, cmd, &self.opts)
+            .unwrap()
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let shown: String = stdout.chars().take(400).collect();
+        println!("[{node}] $ {}\n{shown}{stderr}", cmd.join(" "));
+        (out.status.code().unwrap_or(-1), stdout)
+    }
+
+    pub fn ok(&self, node: &str, cmd: &[&str]) -> String {
+        let (code, out) = self.run(node, cmd);
+        assert_eq!(code, 0, "`{}` failed in {node}", cmd.join(" "));
+        out
+    }
+
+    /// `migrate ARGS...` as a user types it, in this lab.
+    pub fn migrate_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(migrate_binary());
+        c.args(args)
+            .env("MIGRATE_LAB_DIR", &self.opts.state_dir)
+            .env("MIGRATE_LAB_PREFIX", &self.opts.prefix)
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `migrate CONTAINER --from FROM --to TO --json EXTRA...`: (success, events).
+    pub fn migrate(
+        &self,
+        container: &str,
+        from: &str,
+        to: &str,
+        extra: &[&str],
+    ) -> (bool, Vec<Value>) {
+        let mut args = vec![container, "--from", from, "--to", to, "--json"];
+        args.extend_from_slice(extra);
+        let out: Output = self.migrate_command(&args).output().unwrap();
+        let events = parse_events(&String::from_utf8_lossy(&out.stdout));
+        println!(
+            "$ migrate {}\n{}\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), events)
+    }
+
+    pub fn exists(&self, node: &str, container: &str) -> bool {
+        self.run(node, &["podman", "container", "exists", container])
+            .0
+            == 0
+    }
+
+    /// Images the migrations imported into `node` (`localhost/migrate/...`).
+    pub fn migration_images(&self, node: &str) -> Vec<String> {
+        self.ok(
+            node,
+            &["podman", "images", "--format", "{{.Repository}}:{{.Tag}}"],
+        )
+        .lines()
+        .filter(|l| l.starts_with("localhost/migrate/"))
+        .map(str::to_string)
+        .collect()
+    }
+
+    /// Files in the daemon's work folder of `node`, seen from the host.
+    pub fn work_files(&self, node: &str) -> Vec<String> {
+        let n = self.state.nodes.iter().find(|n| n.name == node).unwrap();
+        let work = n.dir.join("containers/migrate/work");
+        walk(&work)
+    }
+
+    pub fn address(&self, node: &str) -> String {
+        let n = self.state.nodes.iter().find(|n| n.name == node).unwrap();
+        n.address.to_string()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Err(e) = lab::down(&self.opts) {
+            eprintln!("lab down: {e}");
+        }
+    }
+}
+
+/// Every file under `dir`, recursively.
+pub fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p.display().to_string());
+            }
+        }
+    }
+    out
+}
+
+/// The JSON events `migrate --json` printed, one per line.
+pub fn parse_events(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// A shell loop writing an incrementing counter to /c, 20 times a second.
+pub const COUNTER_LOOP: &str =
+    "i=0; while :; do i=$((i+1)); echo $i > /c.tmp; mv /c.tmp /c; sleep 0.05; done";
+
+/// Starts the counter container `counter` in `node`.
+pub fn start_counter(lab: &Lab, node: &str) {
+    start_counter_named(lab, node, "counter");
+}
+
+/// Starts the counter container `name` in `node`.
+pub fn start_counter_named(lab: &Lab, node: &str, name: &str) {
+    lab.ok(
+        node,
+        &[
+            "podman",
+            "run",
+            "-d",
+            "--name",
+            name,
+            lab::BUSYBOX_IMAGE,
+            "sh",
+            "-c",
+            COUNTER_LOOP,
+        ],
+    );
+}
+
+/// The value of the counter in container `counter` of `node`, if it answers.
+pub fn count(lab: &Lab, node: &str) -> Option<u64> {
+    let (code, out) = lab.run(node, &["podman", "exec", "counter", "cat", "/c"]);
+    if code != 0 {
+        return None;
+    }
+    out.trim().parse().ok()
+}
