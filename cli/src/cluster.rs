@@ -21,8 +21,9 @@ use tokio::sync::Mutex;
 use transport::quic;
 use transport::tls::NodeIdentity;
 
-use crate::migrate::{self, MigrateArgs, View};
+use crate::migrate::{self, MigrateArgs};
 use crate::output::Output;
+use crate::progress::View;
 
 /// Where `deploy/certs.sh` leaves the operator's certificate folder, under the home directory.
 const OPERATOR_CERTS: &str = ".config/migrate/certs/operator";

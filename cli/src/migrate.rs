@@ -16,15 +16,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use engine::control::{self, Event, MigrateRequest, Phase, Request, Summary, BASE_IMAGE_ROUND};
+use engine::control::{self, MigrateRequest, Summary};
 use engine::lab::{self, LabOptions};
-use transport::quic;
-use transport::tls::{NodeIdentity, SERVER_NAME};
+use transport::tls::SERVER_NAME;
 
-use crate::output::{bytes, Output};
-
-/// Set in the environment of the command re-run inside a lab namespace.
-const IN_NETNS_ENV: &str = "MIGRATE_IN_NETNS";
+use crate::nodes::{self, parse_node, Nodes};
+use crate::output::Output;
+use crate::progress::View;
 
 /// Migrate a running container, or a Kubernetes Pod, to another node.
 #[derive(Debug, Parser)]
@@ -104,82 +102,6 @@ fn parse_precopy(s: &str) -> Result<Precopy, String> {
         .map_err(|_| format!("{s:?}: a number of rounds, or `auto`"))
 }
 
-fn parse_node(s: &str) -> Result<(String, SocketAddr), String> {
-    let (name, addr) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?}: expected NAME=ADDR:PORT"))?;
-    let addr = addr
-        .parse()
-        .map_err(|e| format!("{addr:?}: not an ADDR:PORT ({e})"))?;
-    Ok((name.to_string(), addr))
-}
-
-/// Where the command connects from and to.
-struct Plan {
-    from_addr: SocketAddr,
-    to_addr: SocketAddr,
-    certs: PathBuf,
-    /// The lab namespace to run in, when not already there.
-    netns: Option<String>,
-}
-
-fn plan(args: &MigrateArgs) -> anyhow::Result<Plan> {
-    if !args.nodes.is_empty() {
-        let find = |name: &str| {
-            args.nodes
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, a)| *a)
-                .with_context(|| format!("node {name:?} is not among the --node options"))
-        };
-        let certs = args
-            .certs
-            .clone()
-            .context("--certs is needed with --node (this client's certificate folder)")?;
-        return Ok(Plan {
-            from_addr: find(&args.from)?,
-            to_addr: find(&args.to)?,
-            certs,
-            netns: None,
-        });
-    }
-    let opts = LabOptions::from_env();
-    let state = lab::read_state(&opts)?.with_context(|| {
-        format!(
-            "no lab is up ({} not found): run `migrate lab up`, or name the nodes with \
-             --node NAME=ADDR:PORT and --certs",
-            opts.state_file().display()
-        )
-    })?;
-    let node = |name: &str| {
-        state
-            .nodes
-            .iter()
-            .find(|n| n.name == name)
-            .with_context(|| {
-                format!(
-                    "the lab has no node {name:?} (it has {})",
-                    state
-                        .nodes
-                        .iter()
-                        .map(|n| n.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            })
-    };
-    let (from, to) = (node(&args.from)?, node(&args.to)?);
-    if from.name == to.name {
-        bail!("--from and --to are the same node ({})", from.name);
-    }
-    Ok(Plan {
-        from_addr: from.daemon_addr(),
-        to_addr: to.daemon_addr(),
-        certs: args.certs.clone().unwrap_or_else(|| state.operator_certs()),
-        netns: Some(from.netns.clone()),
-    })
-}
-
 /// Runs `migrate CONTAINER ...` from the words after `migrate`.
 pub fn run(words: Vec<OsString>, out: &Output) -> anyhow::Result<ExitCode> {
     let args = match MigrateArgs::try_parse_from(&words) {
@@ -200,40 +122,27 @@ pub fn run(words: Vec<OsString>, out: &Output) -> anyhow::Result<ExitCode> {
     if crate::cluster::wanted(&args, lab_is_up) {
         return crate::cluster::run(args, out);
     }
-    let plan = plan(&args)?;
-    if let Some(ns) = &plan.netns {
-        if std::env::var_os(IN_NETNS_ENV).as_deref() != Some(ns.as_ref()) {
-            // Lab daemons are only reachable inside the lab's network: run there.
-            let exe = std::env::current_exe().context("finding this program")?;
-            let status = std::process::Command::new("ip")
-                .args(["netns", "exec", ns])
-                .arg(exe)
-                .args(std::env::args_os().skip(1))
-                .env(IN_NETNS_ENV, ns)
-                .status()
-                .context("running `ip netns exec` (the lab needs root)")?;
-            return Ok(ExitCode::from(status.code().unwrap_or(1) as u8));
-        }
+    let nodes = Nodes::find(&args.nodes, args.certs.as_deref())?;
+    let from = nodes.get(&args.from)?;
+    nodes.get(&args.to)?;
+    // Lab daemons are only reachable inside the lab's network: run there.
+    if let Some(code) = nodes::run_inside(from)? {
+        return Ok(code);
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(drive(args, plan, out))
+    rt.block_on(drive(args, nodes, out))
 }
 
-async fn drive(args: MigrateArgs, plan: Plan, out: &Output) -> anyhow::Result<ExitCode> {
-    let identity = NodeIdentity::load(&plan.certs).with_context(|| {
-        format!(
-            "loading the client certificate from {}",
-            plan.certs.display()
-        )
-    })?;
-    let endpoint = quic::client_endpoint(&identity, Some(&args.from), quic::DEFAULT_IDLE_TIMEOUT)?;
-    let conn = connect(&endpoint, &args.from, plan.from_addr).await?;
+async fn drive(args: MigrateArgs, nodes: Nodes, out: &Output) -> anyhow::Result<ExitCode> {
+    let (from, to) = (nodes.get(&args.from)?, nodes.get(&args.to)?);
+    let endpoint = nodes.client(&args.from)?;
+    let conn = connect(&endpoint, &args.from, from.addr).await?;
     let request = MigrateRequest {
         container: args.name.clone(),
-        to: plan.to_addr,
+        to: to.addr,
         to_node: args.to.clone(),
         precopy: args.precopy.0,
         via_image: args.via_image,
@@ -281,190 +190,5 @@ pub(crate) async fn run_on_source(
     from: &str,
     view: &mut View<'_>,
 ) -> anyhow::Result<Option<Summary>> {
-    let (mut send, mut recv) = conn.open_bi().await?;
-    control::write_message(&mut send, &Request::Migrate(request), from).await?;
-    let _ = send.finish();
-    loop {
-        let event: Option<Event> = control::read_message(&mut recv, from).await?;
-        let Some(event) = event else {
-            bail!(
-                "the daemon of {from} stopped reporting before the migration ended: see its \
-                 log; check on both nodes where the container is"
-            );
-        };
-        view.show(&event);
-        match event {
-            Event::Done(summary) => return Ok(Some(summary)),
-            Event::Failed { .. } => return Ok(None),
-            _ => {}
-        }
-    }
-}
-
-/// Shows events to people (phases on stderr, a progress bar while bytes move, the summary on
-/// stdout) or as JSON lines.
-pub(crate) struct View<'a> {
-    out: &'a Output,
-    json: bool,
-    bar: Option<indicatif::ProgressBar>,
-    /// The migrations make checkpoint images for a Pod (Kubernetes): nothing stops, and the
-    /// summary is the image.
-    pods: bool,
-}
-
-impl<'a> View<'a> {
-    pub(crate) fn new(out: &'a Output, json: bool) -> Self {
-        Self {
-            out,
-            json,
-            bar: None,
-            pods: false,
-        }
-    }
-
-    /// A view of the checkpoint-image migrations of a Pod's containers.
-    pub(crate) fn for_pods(mut self) -> Self {
-        self.pods = true;
-        self
-    }
-
-    pub(crate) fn show(&mut self, event: &Event) {
-        if self.json {
-            self.out.json(event);
-            // A failure is also said in words, on stderr.
-            if !matches!(event, Event::Failed { .. }) {
-                return;
-            }
-        }
-        match event {
-            Event::Phase {
-                migration_id,
-                phase,
-                round,
-            } => {
-                self.finish_bar();
-                if self.out.quiet {
-                    return;
-                }
-                let what = match (phase, round) {
-                    (Phase::Plan, _) => format!("migration {migration_id}: checking both nodes"),
-                    (Phase::StageImage, _) => {
-                        "the destination lacks the container's image: sending it too".into()
-                    }
-                    (Phase::Precopy, Some(r)) => {
-                        format!("pre-copy round {r}: checkpoint (container keeps running), send")
-                    }
-                    (Phase::Checkpoint, _) if self.pods => {
-                        "checkpoint through the kubelet (the container keeps running)".into()
-                    }
-                    (Phase::Checkpoint, _) => "final checkpoint (the container stops)".into(),
-                    (Phase::Transfer, _) if self.pods => "sending the checkpoint".into(),
-                    (Phase::Transfer, _) => "sending what changed".into(),
-                    (Phase::Assemble, _) => "assembling and importing the image".into(),
-                    (Phase::Restore, _) => "restoring on the destination".into(),
-                    (Phase::Verify, _) => "checking that it runs".into(),
-                    (Phase::Cleanup, _) => "removing the source container and checkpoints".into(),
-                    (Phase::Rollback, _) => "rolling back".into(),
-                    (p, _) => p.to_string(),
-                };
-                eprintln!("[{phase}] {what}");
-            }
-            Event::Progress { done, total, .. } => {
-                if self.out.quiet {
-                    return;
-                }
-                let bar = self.bar.get_or_insert_with(|| {
-                    let bar = indicatif::ProgressBar::new(*total);
-                    bar.set_style(
-                        indicatif::ProgressStyle::with_template(
-                            "  {bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}",
-                        )
-                        .expect("valid template"),
-                    );
-                    bar
-                });
-                bar.set_length(*total);
-                bar.set_position(*done);
-            }
-            Event::Round {
-                round,
-                archive_bytes,
-                wire_bytes,
-                seconds,
-            } => {
-                self.finish_bar();
-                let which = match *round {
-                    0 => "final round".to_string(),
-                    BASE_IMAGE_ROUND => "base image".to_string(),
-                    r => format!("pre-copy round {r}"),
-                };
-                if !self.out.quiet {
-                    eprintln!(
-                        "  {which}: {} checkpoint, {} over the wire, {seconds:.1} s",
-                        bytes(*archive_bytes),
-                        bytes(*wire_bytes)
-                    );
-                }
-            }
-            Event::Done(s) if self.pods => {
-                self.finish_bar();
-                if !self.out.quiet {
-                    eprintln!(
-                        "  {}: checkpoint image {} on {}; checkpoint {}, {} over the wire",
-                        s.container,
-                        s.image.as_deref().unwrap_or("?"),
-                        s.to,
-                        bytes(s.archive_bytes),
-                        bytes(s.wire_bytes_total)
-                    );
-                }
-            }
-            Event::Done(s) => {
-                self.finish_bar();
-                self.out.line(format!(
-                    "migrated {} from {} to {} in {:.1} s (downtime {:.1} s); checkpoint {}, \
-                     {} over the wire in the final round ({} in all)",
-                    s.container,
-                    s.from,
-                    s.to,
-                    s.total_seconds,
-                    s.downtime_seconds,
-                    bytes(s.archive_bytes),
-                    bytes(s.wire_bytes),
-                    bytes(s.wire_bytes_total)
-                ));
-            }
-            Event::Failed {
-                phase,
-                message,
-                rolled_back,
-                destination_clean,
-                ..
-            } => {
-                self.finish_bar();
-                eprintln!("error: the migration failed in phase {phase}: {message}");
-                if !destination_clean {
-                    eprintln!(
-                        "the destination did not confirm its cleanup: its daemon removes what \
-                         the migration left when it restarts, or after 5 minutes"
-                    );
-                }
-                if *rolled_back {
-                    eprintln!("rolled back: the container runs on the source node as before");
-                } else {
-                    eprintln!(
-                        "ROLLBACK INCOMPLETE: check `podman ps -a` on both nodes and the source \
-                         daemon's log; a stopped container's checkpoint is kept in the daemon's \
-                         work folder"
-                    );
-                }
-            }
-        }
-    }
-
-    fn finish_bar(&mut self) {
-        if let Some(bar) = self.bar.take() {
-            bar.finish_and_clear();
-        }
-    }
+    nodes::migrate_on(conn, request, from, |event| view.show(event)).await
 }
