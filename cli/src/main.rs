@@ -1,15 +1,18 @@
 //! `migrate`: the command users type. This file parses arguments and dispatches; each group of
-//! subcommands lives in its own module (`certs`, `transfer`), and `output` holds the shared
-//! printing helpers. Exit codes: 0 success, 1 the operation failed (the message says what and
-//! what to check), 2 bad usage.
+//! subcommands lives in its own module (`certs`, `transfer`, `drain`), `nodes` finds the nodes
+//! and reaches their daemons, and `output` holds the shared printing helpers. Exit codes: 0
+//! success, 1 the operation failed (the message says what and what to check), 2 bad usage.
 
 mod certs;
 mod cluster;
 mod daemon;
+mod drain;
 mod inspect;
 mod lab;
 mod migrate;
+mod nodes;
 mod output;
+mod progress;
 mod transfer;
 
 use std::ffi::OsString;
@@ -22,6 +25,7 @@ use clap::{Parser, Subcommand};
 #[command(name = "migrate", version, about, long_about = None)]
 #[command(after_help = "Examples:
   migrate lab up && migrate web --from node1 --to node2
+  migrate drain node1 --to node2        # every container of node1 that can move
   migrate certs init --out certs --name node1 --name node2
   migrate receive --listen 0.0.0.0:7070 --store /var/lib/migrate/chunks --out ckpt.tar --certs certs/node2
   migrate send ckpt.tar --to 10.0.0.2:7070 --certs certs/node1")]
@@ -42,6 +46,9 @@ enum Command {
     Certs(certs::CertsArgs),
     /// Run the node daemon: migrates containers away and receives migrating ones.
     Daemon(daemon::DaemonArgs),
+    /// NODE [--to NODE]: migrate every container that can move off a node (`migrate drain
+    /// --help`).
+    Drain(drain::DrainArgs),
     /// Show what a checkpoint archive holds (validating it): container, pod, image, sizes.
     Inspect(inspect::InspectArgs),
     /// The local lab of nodes: up, down, status, exec.
@@ -89,6 +96,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Certs(args) => certs::run(args, &out),
         Command::Daemon(args) => daemon::run(args, &out),
+        Command::Drain(args) => match drain::run(args, &out) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
         Command::Migrate(words) => match migrate::run(words, &out) {
             Ok(code) => return code,
             Err(e) => Err(e),

@@ -208,3 +208,40 @@ pub fn count(lab: &Lab, node: &str) -> Option<u64> {
     }
     out.trim().parse().ok()
 }
+
+/// Starts nginx `web` (host network) in `node` and writes `text` into its page `note.txt`.
+pub fn start_nginx_with_note(lab: &Lab, node: &str, text: &str) {
+    lab.ok(
+        node,
+        &[
+            "podman",
+            "run",
+            "-d",
+            "--name",
+            "web",
+            "--network=host",
+            lab::NGINX_IMAGE,
+        ],
+    );
+    let write = format!("echo {text} > /var/www/html/note.txt");
+    lab.ok(node, &["podman", "exec", "web", "sh", "-c", &write]);
+}
+
+impl Lab {
+    /// Fetches `http://HOST/note.txt` from `node`: (exit code, page).
+    pub fn fetch_note(&self, node: &str, host: &str) -> (i32, String) {
+        self.run(
+            node,
+            &[
+                "busybox",
+                "wget",
+                "-q",
+                "-T",
+                "2",
+                "-O",
+                "-",
+                &format!("http://{host}/note.txt"),
+            ],
+        )
+    }
+}

@@ -19,7 +19,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use e2e::lab::{count, start_counter, start_counter_named, Lab};
+use e2e::lab::{count, start_counter, start_counter_named, start_nginx_with_note, Lab};
 use e2e::wait_for;
 use engine::lab;
 use serde_json::Value;
@@ -142,44 +142,8 @@ fn base_image_is_sent_when_the_destination_lacks_it() {
 fn nginx_serves_its_file_from_the_destination() {
     let lab = Lab::up("n");
     let (a, b) = (&lab.a, &lab.b);
-    lab.ok(
-        a,
-        &[
-            "podman",
-            "run",
-            "-d",
-            "--name",
-            "web",
-            "--network=host",
-            lab::NGINX_IMAGE,
-        ],
-    );
-    lab.ok(
-        a,
-        &[
-            "podman",
-            "exec",
-            "web",
-            "sh",
-            "-c",
-            "echo written-before-migration > /var/www/html/note.txt",
-        ],
-    );
-    let fetch = |from: &str, host: &str| {
-        lab.run(
-            from,
-            &[
-                "busybox",
-                "wget",
-                "-q",
-                "-T",
-                "2",
-                "-O",
-                "-",
-                &format!("http://{host}/note.txt"),
-            ],
-        )
-    };
+    start_nginx_with_note(&lab, a, "written-before-migration");
+    let fetch = |from: &str, host: &str| lab.fetch_note(from, host);
     let addr_a = lab.address(a);
     wait_for("nginx on the source", Duration::from_secs(20), || {
         (fetch(b, &addr_a).0 == 0).then_some(())

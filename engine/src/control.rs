@@ -12,6 +12,8 @@ use std::net::SocketAddr;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::runtime::ListedContainer;
+
 /// The largest control message, in bytes: requests and events are small.
 pub const MAX_MESSAGE: usize = 1 << 20;
 
@@ -85,6 +87,20 @@ pub enum Request {
     },
     /// Anyone → daemon: who and what are you (a readiness probe).
     Status,
+    /// CLI → daemon: the containers running on this node, and whether each may move (what a
+    /// drain asks first). Answered with `Reply::Ok` whose `detail` is a [`ContainerList`], or
+    /// an error when the runtime cannot list them (on Kubernetes the API server lists Pods).
+    ListContainers,
+}
+
+/// The answer to [`Request::ListContainers`] (the `detail` of its `Reply::Ok`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContainerList {
+    /// The node that answered.
+    pub node: String,
+    /// Its running containers, sorted by name; see [`crate::runtime`] for the rules that
+    /// keep one from moving.
+    pub containers: Vec<ListedContainer>,
 }
 
 /// Migrate `container` from the daemon asked to the daemon at `to`.
@@ -430,6 +446,46 @@ mod tests {
         assert_eq!(
             json,
             r#"{"event":"phase","migration_id":"m","phase":"checkpoint"}"#
+        );
+    }
+
+    #[test]
+    fn container_lists_round_trip() {
+        let json = serde_json::to_string(&Request::ListContainers).unwrap();
+        assert_eq!(json, r#"{"request":"list_containers"}"#);
+        assert_eq!(
+            decode::<Request>(json.as_bytes(), "t").unwrap(),
+            Request::ListContainers
+        );
+        let list = ContainerList {
+            node: "node1".into(),
+            containers: vec![
+                ListedContainer {
+                    name: "web".into(),
+                    id: "abc".into(),
+                    image: "localhost/lab/nginx:latest".into(),
+                    not_movable: None,
+                },
+                ListedContainer {
+                    name: "db".into(),
+                    id: "def".into(),
+                    image: "i".into(),
+                    not_movable: Some("bind mount of host path /srv".into()),
+                },
+            ],
+        };
+        let value = serde_json::to_value(&list).unwrap();
+        assert!(
+            value["containers"][0].get("not_movable").is_none(),
+            "{value}"
+        );
+        assert_eq!(
+            value["containers"][1]["not_movable"],
+            "bind mount of host path /srv"
+        );
+        assert_eq!(
+            serde_json::from_value::<ContainerList>(value).unwrap(),
+            list
         );
     }
 

@@ -6,15 +6,15 @@
 //! A container is named `NAMESPACE/POD/CONTAINER` here ([`PodContainer`]). What only the API
 //! server knows (whether the Pod runs, its image) is not asked of this seam: the CLI checks it
 //! with the user's kubeconfig and passes the image along. Restoring, stopping and removing
-//! containers are the kubelet's business on such a node; those calls are refused with a
-//! message that says so.
+//! containers are the kubelet's business on such a node, and listing them the API server's;
+//! those calls are refused with a message that says so.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::kubelet::{self, KubeletClient};
-use crate::runtime::{CheckpointOutcome, Podman, Runtime, RuntimeError};
+use crate::runtime::{CheckpointOutcome, ListedContainer, Podman, Runtime, RuntimeError};
 
 /// A container of a Pod, as the daemon is asked to checkpoint it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,6 +172,12 @@ impl Runtime for CrioNode {
 
     fn save_image(&self, image_ref: &str, out: &Path) -> Result<(), RuntimeError> {
         self.podman.save_image(image_ref, out)
+    }
+
+    fn list_containers(&self) -> Result<Vec<ListedContainer>, RuntimeError> {
+        Err(self.unsupported(
+            "list containers (a Kubernetes node's Pods are listed through the API server)",
+        ))
     }
 }
 

@@ -4,7 +4,9 @@
 //! Each accepted connection is read request by request, one bidirectional stream each. A
 //! `Migrate` request runs the source side of a migration ([`crate::migration`]) and streams its
 //! events back; `Prepare`, `Transfer`, `Assemble`, `Restore`, `Verify`, `Abort` and `Finish` drive
-//! the destination side ([`crate::destination`]). A connection that starts with `Transfer` is
+//! the destination side ([`crate::destination`]); `ListContainers` answers a drain. Every
+//! request is served in its own task, so one connection can carry several migrations at once
+//! (a drain runs them side by side, each on its own stream). A connection that starts with `Transfer` is
 //! handed, after the daemon's `Ok`, to the transport's receiver of that round.
 //!
 //! State directory layout (0700): `chunks/` the chunk store, which keeps the chunks of every
@@ -24,7 +26,7 @@ use transport::quic::{self, TransferError};
 use transport::store::DiskStore;
 use transport::tls::NodeIdentity;
 
-use crate::control::{self, ControlError, Event, Reply, Request};
+use crate::control::{self, ContainerList, ControlError, Event, Reply, Request};
 use crate::destination::Destinations;
 use crate::runtime::Runtime;
 
@@ -340,7 +342,29 @@ async fn handle(node: &Arc<Node>, request: Request) -> Reply {
             migration_id,
             keep_image,
         } => d.finish(node, &migration_id, keep_image).await,
+        Request::ListContainers => list_containers(node).await,
         Request::Migrate(_) | Request::Transfer(_) => unreachable!("handled by the caller"),
+    }
+}
+
+/// The containers running on this node and whether each may move (a drain's first question).
+async fn list_containers(node: &Arc<Node>) -> Reply {
+    let runtime = node.runtime.clone();
+    let listed = tokio::task::spawn_blocking(move || runtime.list_containers()).await;
+    match listed {
+        Ok(Ok(containers)) => Reply::Ok {
+            detail: serde_json::to_value(ContainerList {
+                node: node.name.clone(),
+                containers,
+            })
+            .expect("container lists serialize"),
+        },
+        Ok(Err(e)) => Reply::Error {
+            message: format!("listing the containers on {}: {e}", node.name),
+        },
+        Err(e) => Reply::Error {
+            message: format!("listing the containers on {}: {e}", node.name),
+        },
     }
 }
 

@@ -3,6 +3,23 @@
 //! (or, to roll back, from the source's own archive), ask whether a container runs, and
 //! remove what a failed migration left behind — behind one trait, [`Runtime`], so the
 //! migration state machine does not know whether Podman or (later) the kubelet/CRI-O does it.
+//! A drain also asks it which containers run and which of them may move
+//! ([`Runtime::list_containers`]).
+//!
+//! **What a drain moves** (Podman): every running container, except one that
+//! - runs in a podman pod, or is a pod's infra container: pods are not migrated (the pod's
+//!   containers share its namespaces, and the pod itself stays on this node);
+//! - has a bind mount of a host path (`podman inspect` `.Mounts` of type `bind`): that path
+//!   exists on this node only, and restoring without it fails on the destination. Named
+//!   volumes and tmpfs mounts are not refused: podman's checkpoint export carries them;
+//! - runs `--privileged`: it holds every capability and sees this node's devices, so its
+//!   state may refer to hardware the destination lacks; it is moved only when asked by name
+//!   (`migrate NAME --from --to`);
+//! - carries the label `migrate.dev/pinned=true` ([`PINNED_LABEL`]): its owner pinned it here.
+//!
+//! Containers that do not run (created, exited, paused) are not listed: only running
+//! containers migrate. A container that may move can still fail in its migration (CRIU
+//! cannot dump it, the destination refuses it); the migration then says why and rolls back.
 //!
 //! [`Podman`] drives the `podman` CLI, run through a command prefix: empty on a real host,
 //! `lab/exec.sh NODE_DIR --` in a lab node. The CLI, not the libpod REST API, because:
@@ -26,7 +43,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// At most this many bytes of a command's stderr go into an error (the end is kept: podman
 /// prints its `Error:` line last).
@@ -62,6 +79,31 @@ pub struct CheckpointStats {
     pub pages_scanned: u64,
     /// Memory pages CRIU wrote to the image.
     pub pages_written: u64,
+}
+
+/// The label that pins a container to its node: `migrate.dev/pinned=true` keeps a drain from
+/// moving it.
+pub const PINNED_LABEL: &str = "migrate.dev/pinned";
+
+/// A running container, as a drain sees it: what it is, and whether it may move.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListedContainer {
+    /// Its name (migrations ask for containers by name).
+    pub name: String,
+    /// Its full ID.
+    pub id: String,
+    /// The image it was created from.
+    pub image: String,
+    /// Why a drain leaves it here (every reason, joined by `; `); `None` when it may move.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_movable: Option<String>,
+}
+
+impl ListedContainer {
+    /// Whether a drain may migrate it.
+    pub fn movable(&self) -> bool {
+        self.not_movable.is_none()
+    }
 }
 
 /// Why a runtime call failed. Each message names the command, and says what to check.
@@ -198,6 +240,10 @@ pub trait Runtime: Send + Sync + fmt::Debug {
     /// Writes `image_ref` to `out` as an uncompressed image archive that [`Runtime::import_image`]
     /// loads on another node (base image staging). Uncompressed, so the transfer deduplicates it.
     fn save_image(&self, image_ref: &str, out: &Path) -> Result<(), RuntimeError>;
+
+    /// The containers running on this node, sorted by name, each with the reasons a drain
+    /// must leave it here (the rules are in this module's documentation).
+    fn list_containers(&self) -> Result<Vec<ListedContainer>, RuntimeError>;
 }
 
 /// [`Runtime`] through the `podman` CLI, run after a command prefix.
@@ -413,6 +459,51 @@ impl Runtime for Podman {
         args.extend([out.as_os_str(), OsStr::new("--"), OsStr::new(image_ref)]);
         self.run(&args, Subject::Image(image_ref)).map(drop)
     }
+
+    fn list_containers(&self) -> Result<Vec<ListedContainer>, RuntimeError> {
+        let args = ["ps", "--quiet", "--no-trunc"].map(OsStr::new);
+        let stdout = self.run(&args, Subject::None)?;
+        let ids: Vec<&str> = stdout
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let inspected = match self.inspect_containers(&ids) {
+            Ok(all) => all,
+            // One went away between `ps` and `inspect`: ask one at a time, skipping the gone.
+            Err(_) if ids.len() > 1 => {
+                let mut all = Vec::new();
+                for id in &ids {
+                    match self.inspect_containers(&[id]) {
+                        Ok(one) => all.extend(one),
+                        Err(RuntimeError::NoSuchContainer { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                all
+            }
+            Err(RuntimeError::NoSuchContainer { .. }) => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let mut listed: Vec<ListedContainer> = inspected
+            .into_iter()
+            .filter(|c| c.state.running)
+            .map(|c| {
+                let reasons = refusals(&c);
+                ListedContainer {
+                    not_movable: (!reasons.is_empty()).then(|| reasons.join("; ")),
+                    name: c.name,
+                    id: c.id,
+                    image: c.image_name,
+                }
+            })
+            .collect();
+        listed.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(listed)
+    }
 }
 
 impl Podman {
@@ -430,6 +521,22 @@ impl Podman {
         parse(stdout.trim()).ok_or_else(|| RuntimeError::UnexpectedOutput {
             command: self.command_for(&args),
             what,
+            output: bounded(&stdout),
+        })
+    }
+
+    /// `podman container inspect IDS...`, parsed.
+    fn inspect_containers(&self, ids: &[&str]) -> Result<Vec<InspectedContainer>, RuntimeError> {
+        let mut args: Vec<&OsStr> = ["container", "inspect", "--"].map(OsStr::new).to_vec();
+        args.extend(ids.iter().map(OsStr::new));
+        let subject = match ids {
+            [one] => Subject::Container(one),
+            _ => Subject::None,
+        };
+        let stdout = self.run(&args, subject)?;
+        serde_json::from_str(&stdout).map_err(|_| RuntimeError::UnexpectedOutput {
+            command: self.command_for(&args),
+            what: "a JSON array of containers",
             output: bounded(&stdout),
         })
     }
@@ -557,6 +664,104 @@ fn parse_loaded(stdout: &str) -> Option<String> {
         let first = refs.split(',').next()?.trim();
         (!first.is_empty()).then(|| first.to_string())
     })
+}
+
+/// What `podman container inspect` says of a container, as far as a drain needs it.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct InspectedContainer {
+    id: String,
+    name: String,
+    #[serde(default)]
+    image_name: String,
+    state: InspectedState,
+    /// The pod's ID, empty when in none.
+    #[serde(default)]
+    pod: Option<String>,
+    #[serde(default)]
+    is_infra: bool,
+    #[serde(default)]
+    mounts: Option<Vec<InspectedMount>>,
+    #[serde(default)]
+    host_config: Option<InspectedHostConfig>,
+    #[serde(default)]
+    config: Option<InspectedConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct InspectedState {
+    #[serde(default)]
+    running: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct InspectedMount {
+    #[serde(default, rename = "Type")]
+    kind: String,
+    #[serde(default)]
+    source: String,
+    #[serde(default)]
+    destination: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct InspectedHostConfig {
+    #[serde(default)]
+    privileged: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct InspectedConfig {
+    #[serde(default)]
+    labels: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// Why a drain must leave `c` on its node (the rules in this module's documentation); empty
+/// when it may move.
+fn refusals(c: &InspectedContainer) -> Vec<String> {
+    let mut reasons = Vec::new();
+    if let Some(pod) = c.pod.as_deref().filter(|p| !p.is_empty()) {
+        let pod: String = pod.chars().take(12).collect();
+        reasons.push(if c.is_infra {
+            format!("the infra container of podman pod {pod}: pods are not migrated")
+        } else {
+            format!(
+                "runs in podman pod {pod}: pods are not migrated (its containers share the \
+                 pod's namespaces, which stay on this node)"
+            )
+        });
+    }
+    for m in c.mounts.iter().flatten().filter(|m| m.kind == "bind") {
+        reasons.push(format!(
+            "bind mount of host path {} at {}: that path is on this node only (a named \
+             volume would move with the container)",
+            m.source, m.destination
+        ));
+    }
+    if c.host_config.as_ref().is_some_and(|h| h.privileged) {
+        reasons.push(
+            "runs --privileged: it has every capability and this node's devices, so its \
+             state may depend on this node (move it by name, `migrate NAME --from --to`, if \
+             you know it does not)"
+                .to_string(),
+        );
+    }
+    let pinned = c
+        .config
+        .as_ref()
+        .and_then(|c| c.labels.as_ref())
+        .and_then(|l| l.get(PINNED_LABEL))
+        .is_some_and(|v| v == "true");
+    if pinned {
+        reasons.push(format!(
+            "pinned to this node by the label {PINNED_LABEL}=true"
+        ));
+    }
+    reasons
 }
 
 /// podman `--print-stats` JSON (times in microseconds).
@@ -708,6 +913,119 @@ mod tests {
         assert_eq!(
             Podman::new(["lab/exec.sh", "/n", "--"]).describe(),
             "podman via `lab/exec.sh /n --`"
+        );
+    }
+
+    /// `podman container inspect` output (podman 5.4, trimmed to what is read, plus noise),
+    /// one container per rule.
+    const INSPECTED: &str = r#"[
+      {"Id": "aaaa", "Name": "plain", "ImageName": "localhost/lab/busybox:latest",
+       "State": {"Running": true, "Status": "running"}, "Pod": "", "IsInfra": false,
+       "Mounts": [{"Type": "volume", "Name": "v", "Source": "/var/lib/containers/storage/volumes/v/_data", "Destination": "/v"}],
+       "HostConfig": {"Privileged": false, "Tmpfs": {"/t": "rw"}}, "Config": {"Labels": null}},
+      {"Id": "bbbb", "Name": "data", "ImageName": "localhost/lab/busybox:latest",
+       "State": {"Running": true}, "Pod": "",
+       "Mounts": [{"Type": "bind", "Source": "/srv/data", "Destination": "/data", "Options": ["rbind"]}],
+       "HostConfig": {"Privileged": false}, "Config": {"Labels": {"a": "b"}}},
+      {"Id": "cccc", "Name": "priv", "ImageName": "i", "State": {"Running": true},
+       "Pod": "", "Mounts": [], "HostConfig": {"Privileged": true}, "Config": {}},
+      {"Id": "dddd", "Name": "inpod", "ImageName": "i", "State": {"Running": true},
+       "Pod": "03ceec88cb2190251e441d248bd3a5def9e5d5556add33fda242697d7cb0ab41",
+       "IsInfra": false, "Mounts": [], "HostConfig": {}, "Config": {}},
+      {"Id": "eeee", "Name": "03ceec88cb21-infra", "ImageName": "localhost/podman-pause:5.4.2",
+       "State": {"Running": true},
+       "Pod": "03ceec88cb2190251e441d248bd3a5def9e5d5556add33fda242697d7cb0ab41",
+       "IsInfra": true, "Mounts": [], "HostConfig": {}, "Config": {}},
+      {"Id": "ffff", "Name": "pinned", "ImageName": "i", "State": {"Running": true},
+       "Mounts": null, "HostConfig": {"Privileged": false},
+       "Config": {"Labels": {"migrate.dev/pinned": "true"}}},
+      {"Id": "gggg", "Name": "unpinned", "ImageName": "i", "State": {"Running": true},
+       "Config": {"Labels": {"migrate.dev/pinned": "false"}}},
+      {"Id": "hhhh", "Name": "gone", "ImageName": "i", "State": {"Running": false}}
+    ]"#;
+
+    #[test]
+    fn drain_rules_refuse_with_reasons() {
+        let p = fake(&format!(
+            "case \"$1\" in ps) printf 'aaaa\\nbbbb\\ncccc\\ndddd\\neeee\\nffff\\ngggg\\nhhhh\\n';; \
+             container) printf '%s' '{INSPECTED}';; *) exit 3;; esac"
+        ));
+        let listed = p.list_containers().unwrap();
+        let names: Vec<&str> = listed.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "03ceec88cb21-infra",
+                "data",
+                "inpod",
+                "pinned",
+                "plain",
+                "priv",
+                "unpinned"
+            ],
+            "sorted by name, running only"
+        );
+        let reason = |name: &str| {
+            listed
+                .iter()
+                .find(|c| c.name == name)
+                .unwrap()
+                .not_movable
+                .clone()
+        };
+        assert_eq!(reason("plain"), None, "volumes and tmpfs move");
+        assert_eq!(reason("unpinned"), None, "only pinned=true pins");
+        let data = reason("data").unwrap();
+        assert!(
+            data.contains("bind mount of host path /srv/data at /data"),
+            "{data}"
+        );
+        assert!(reason("priv").unwrap().contains("--privileged"));
+        assert!(reason("inpod")
+            .unwrap()
+            .starts_with("runs in podman pod 03ceec88cb21:"));
+        assert!(reason("03ceec88cb21-infra")
+            .unwrap()
+            .starts_with("the infra container of podman pod 03ceec88cb21"));
+        assert!(reason("pinned")
+            .unwrap()
+            .contains("migrate.dev/pinned=true"));
+        let plain = listed.iter().find(|c| c.name == "plain").unwrap();
+        assert!(plain.movable());
+        assert_eq!(
+            (plain.id.as_str(), plain.image.as_str()),
+            ("aaaa", "localhost/lab/busybox:latest")
+        );
+    }
+
+    #[test]
+    fn listing_survives_a_container_that_went_away() {
+        // Asked for both, inspect fails; asked one at a time, "bbbb" is missing.
+        let one =
+            r#"[{"Id": "aaaa", "Name": "stays", "ImageName": "i", "State": {"Running": true}}]"#;
+        let p = fake(&format!(
+            "case \"$1\" in ps) printf 'aaaa\\nbbbb\\n';; \
+             container) if [ \"$#\" -eq 4 ] && [ \"$4\" = aaaa ]; then printf '%s' '{one}'; \
+             else echo 'Error: no container with name or ID \"bbbb\" found: no such container' >&2; \
+             exit 125; fi;; esac"
+        ));
+        let listed = p.list_containers().unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].name, "stays");
+        assert!(fake("exit 0").list_containers().unwrap().is_empty());
+        let err = fake("case \"$1\" in ps) echo aaaa;; *) echo nonsense;; esac")
+            .list_containers()
+            .unwrap_err();
+        assert!(
+            matches!(err, RuntimeError::UnexpectedOutput { .. }),
+            "{err}"
+        );
+        let err = fake("echo 'Error: boom' >&2; exit 125")
+            .list_containers()
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("podman ps --quiet --no-trunc"),
+            "{err}"
         );
     }
 }

@@ -1,0 +1,729 @@
+//! `migrate drain NODE [--to NODE]` on the Podman platform (the lab, or nodes named with
+//! `--node`): asks NODE's daemon which containers run there and which may move
+//! (`Request::ListContainers`; the rules are in `engine::runtime`), migrates those that may
+//! to the target, several at once (each its own `Request::Migrate` on its own stream of one
+//! connection to NODE's daemon, which serves them side by side), shows one line per phase
+//! start of each, and ends with a table of outcomes, or with `--json` one object per
+//! container and a summary. The exit code says whether NODE is empty of running containers.
+//!
+//! There is no scheduler on Podman nodes, so nothing is cordoned. The Kubernetes drain
+//! (cordon the Node, migrate its Pods) is not built yet.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use engine::control::{self, ContainerList, Event, MigrateRequest, Phase, Reply, Request};
+use engine::runtime::ListedContainer;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::nodes::{self, NodeAddr, Nodes};
+use crate::output::{bytes, Output};
+
+/// Migrate every container of a node that can move to another node.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Lists the running containers of NODE through its daemon and migrates each one that can move
+to the --to node (memory and all, as `migrate NAME --from NODE --to TO` does), at most
+--concurrency at once. Each migration prints one line per phase as it starts (on stderr); a
+table follows on stdout: container, seconds, bytes over the wire, and the result: moved,
+failed (the phase and why; a failed migration rolls back, the container runs on NODE again),
+or not movable (why).
+
+Not moved, and reported with the reason: containers in a podman pod (and pods' infra
+containers), with a bind mount of a host path (it exists on NODE only; named volumes and
+tmpfs move), run with --privileged, or labelled migrate.dev/pinned=true. Containers that do
+not run are left alone and not counted.
+
+No cordon: Podman nodes have no scheduler, so nothing keeps new containers off NODE while or
+after it drains; stop whatever starts them first. (Draining a Kubernetes node, cordoning it
+and migrating its Pods, is not built yet.)
+
+Exit codes: 0 every running container of NODE moved, or none ran; 1 at least one did not
+move (not movable, or its migration failed), or the drain could not start (the message says
+what to check); 2 bad usage.
+
+Examples:
+  migrate drain node1                   # in a two-node lab: everything to the other node
+  migrate drain node1 --to node3 --concurrency 4
+  migrate drain node1 --to node2 --json # one JSON object per container, then a summary
+  migrate drain a --to b --node a=10.0.0.1:7400 --node b=10.0.0.2:7400 --certs certs/operator")]
+pub struct DrainArgs {
+    /// The node to empty.
+    #[arg(value_name = "NODE")]
+    node: String,
+    /// The node the containers move to. Needed outside the lab and in a lab of more than
+    /// two nodes; in a two-node lab it defaults to the other node.
+    #[arg(long, value_name = "NODE")]
+    to: Option<String>,
+    /// At most this many migrations at once.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    concurrency: u16,
+    /// One JSON object per line: each container's outcome as it is known, then a summary
+    /// (`"event":"summary"`). Failures are also said in words on stderr.
+    #[arg(long)]
+    json: bool,
+    /// A node's daemon address, NAME=ADDR:PORT (repeatable); without it, the lab's nodes.
+    #[arg(long = "node", value_name = "NAME=ADDR:PORT", value_parser = nodes::parse_node)]
+    nodes: Vec<(String, SocketAddr)>,
+    /// Certificate folder of this client (from `migrate certs init`); the lab's operator
+    /// certificate by default.
+    #[arg(long)]
+    certs: Option<PathBuf>,
+}
+
+/// Runs `migrate drain`.
+pub fn run(args: DrainArgs, out: &Output) -> anyhow::Result<ExitCode> {
+    let nodes = Nodes::find(&args.nodes, args.certs.as_deref())?;
+    let from = nodes.get(&args.node)?.clone();
+    let to = target(&nodes, &from.name, args.to.as_deref())?.clone();
+    if let Some(code) = nodes::run_inside(&from)? {
+        return Ok(code);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(drain(&args, &nodes, from, to, *out))
+}
+
+/// The node the containers go to: `--to`, or in a two-node lab the other node.
+fn target<'a>(nodes: &'a Nodes, from: &str, to: Option<&str>) -> anyhow::Result<&'a NodeAddr> {
+    match to {
+        Some(to) if to == from => {
+            bail!("--to names the node being drained ({from}): name the node its containers go to")
+        }
+        Some(to) => nodes.get(to),
+        None if !nodes.lab => bail!(
+            "--to is needed outside the lab: the node {from}'s containers go to, named with \
+             --node NAME=ADDR:PORT too (known besides {from}: {})",
+            nodes.names(Some(from))
+        ),
+        None => {
+            let others: Vec<&NodeAddr> = nodes.nodes.iter().filter(|n| n.name != from).collect();
+            match others.as_slice() {
+                [one] => Ok(one),
+                [] => bail!("the lab has no node besides {from} to move its containers to"),
+                _ => bail!(
+                    "--to is needed: the lab has {} nodes besides {from} ({}); say which one \
+                     takes its containers",
+                    others.len(),
+                    nodes.names(Some(from))
+                ),
+            }
+        }
+    }
+}
+
+async fn drain(
+    args: &DrainArgs,
+    nodes: &Nodes,
+    from: NodeAddr,
+    to: NodeAddr,
+    out: Output,
+) -> anyhow::Result<ExitCode> {
+    let clock = Clock {
+        started: Instant::now(),
+        quiet: out.quiet || args.json,
+    };
+    let endpoint = nodes.client(&from.name)?;
+    let conn = crate::migrate::connect(&endpoint, &from.name, from.addr).await?;
+    let list = list_containers(&conn, &from).await?;
+    let (movable, staying): (Vec<ListedContainer>, Vec<ListedContainer>) = list
+        .containers
+        .into_iter()
+        .partition(ListedContainer::movable);
+    clock.say(&format!(
+        "draining {}: {} running container(s), {} to move to {} (at most {} at once), {} \
+         not movable; no cordon (Podman nodes have no scheduler)",
+        from.name,
+        movable.len() + staying.len(),
+        movable.len(),
+        to.name,
+        args.concurrency,
+        staying.len()
+    ));
+
+    let mut reports = Vec::new();
+    for c in staying {
+        let reason = c.not_movable.clone().unwrap_or_default();
+        clock.say(&format!("{}: not movable: {reason}", c.name));
+        let report = Report::new(&c, &from, &to, Outcome::NotMovable { reason });
+        if args.json {
+            out.json(&report);
+        }
+        reports.push(report);
+    }
+
+    let limit = Arc::new(Semaphore::new(usize::from(args.concurrency)));
+    let mut running = JoinSet::new();
+    for c in movable {
+        let (conn, limit) = (conn.clone(), limit.clone());
+        let (from, to) = (from.clone(), to.clone());
+        running.spawn(async move {
+            let _permit = limit
+                .acquire_owned()
+                .await
+                .expect("the semaphore stays open");
+            migrate_one(&conn, c, &from, &to, clock).await
+        });
+    }
+    while let Some(done) = running.join_next().await {
+        let report = done.context("a migration task panicked")?;
+        if args.json {
+            out.json(&report);
+        }
+        reports.push(report);
+    }
+    conn.close(0u32.into(), b"done");
+
+    let summary = DrainSummary::of(&reports, &from, &to, clock.started);
+    if args.json {
+        out.json(&summary);
+    } else if reports.is_empty() {
+        out.line(format!(
+            "nothing to drain: no containers run on {}",
+            from.name
+        ));
+    } else {
+        reports.sort_by(|a, b| a.container.cmp(&b.container));
+        for line in table(&reports) {
+            out.line(line);
+        }
+        out.line(summary.sentence());
+    }
+    Ok(if summary.drained {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Asks `from`'s daemon for its running containers.
+async fn list_containers(
+    conn: &quinn::Connection,
+    from: &NodeAddr,
+) -> anyhow::Result<ContainerList> {
+    let reply = control::call(conn, &Request::ListContainers)
+        .await
+        .with_context(|| {
+            format!(
+                "asking the daemon of {} at {} for its containers",
+                from.name, from.addr
+            )
+        })?;
+    match reply {
+        Reply::Ok { detail } => serde_json::from_value(detail).with_context(|| {
+            format!(
+                "the daemon of {} answered the container list with something this client does \
+                 not read: does it run the same version of migrate?",
+                from.name
+            )
+        }),
+        Reply::Error { message } if message.contains("unknown variant") => bail!(
+            "the daemon of {} does not know how to list its containers: it is older than this \
+             client; upgrade migrate there ({message})",
+            from.name
+        ),
+        Reply::Error { message } => bail!("{message} (asked through the daemon of {})", from.name),
+    }
+}
+
+/// Migrates one container, printing a line per phase; what became of it.
+async fn migrate_one(
+    conn: &quinn::Connection,
+    c: ListedContainer,
+    from: &NodeAddr,
+    to: &NodeAddr,
+    clock: Clock,
+) -> Report {
+    let started = Instant::now();
+    let request = MigrateRequest {
+        container: c.name.clone(),
+        to: to.addr,
+        to_node: to.name.clone(),
+        precopy: None,
+        via_image: false,
+        image_only: false,
+        base_image: None,
+    };
+    let mut last_phase = None;
+    let mut wire_bytes = 0;
+    let mut failed = None;
+    let result = nodes::migrate_on(conn, request, &from.name, |event| match event {
+        Event::Phase { phase, round, .. } => {
+            last_phase = Some(*phase);
+            clock.say(&format!(
+                "{}: {}",
+                c.name,
+                describe(*phase, *round, from, to)
+            ));
+        }
+        Event::Round { wire_bytes: w, .. } => wire_bytes += w,
+        Event::Failed {
+            phase,
+            message,
+            rolled_back,
+            destination_clean,
+            ..
+        } => {
+            failed = Some(Outcome::Failed {
+                phase: Some(*phase),
+                message: message.clone(),
+                rolled_back: Some(*rolled_back),
+                destination_clean: Some(*destination_clean),
+            })
+        }
+        _ => {}
+    })
+    .await;
+    let seconds = started.elapsed().as_secs_f64();
+    let mut report = match result {
+        Ok(Some(s)) => {
+            clock.say(&format!(
+                "{}: moved to {} in {:.1} s (downtime {:.1} s), {} over the wire",
+                c.name,
+                to.name,
+                s.total_seconds,
+                s.downtime_seconds,
+                bytes(s.wire_bytes_total)
+            ));
+            let mut r = Report::new(&c, from, to, Outcome::Moved);
+            r.migration_id = Some(s.migration_id);
+            r.seconds = Some(s.total_seconds);
+            r.wire_bytes = s.wire_bytes_total;
+            r.downtime_seconds = Some(s.downtime_seconds);
+            return r;
+        }
+        Ok(None) => Report::new(
+            &c,
+            from,
+            to,
+            failed.unwrap_or_else(|| Outcome::Failed {
+                phase: last_phase,
+                message: "the daemon reported a failure without saying why: see its log".into(),
+                rolled_back: None,
+                destination_clean: None,
+            }),
+        ),
+        Err(e) => Report::new(
+            &c,
+            from,
+            to,
+            Outcome::Failed {
+                phase: last_phase,
+                message: format!("{e:#}"),
+                rolled_back: None,
+                destination_clean: None,
+            },
+        ),
+    };
+    report.seconds = Some(seconds);
+    report.wire_bytes = wire_bytes;
+    // Failures are said in words even with --json and -q, as `migrate` does.
+    eprintln!("{}", report.failure_words());
+    report
+}
+
+/// What a phase does, in a few words.
+fn describe(phase: Phase, round: Option<u32>, from: &NodeAddr, to: &NodeAddr) -> String {
+    match phase {
+        Phase::Plan => format!("plan: checking it and {}", to.name),
+        Phase::StageImage => format!("sending its image ({} lacks it)", to.name),
+        Phase::Precopy => format!("pre-copy round {} (it keeps running)", round.unwrap_or(1)),
+        Phase::Checkpoint => "final checkpoint (it stops)".into(),
+        Phase::Transfer => "sending what changed".into(),
+        Phase::Assemble => "assembling its checkpoint image".into(),
+        Phase::Restore => format!("restoring on {}", to.name),
+        Phase::Verify => format!("checking that it runs on {}", to.name),
+        Phase::Cleanup => format!("removing it from {}", from.name),
+        Phase::Rollback => format!("rolling back (back to running on {})", from.name),
+    }
+}
+
+/// Progress lines on stderr, stamped with the seconds since the drain started; silent with
+/// `-q` and `--json`.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    started: Instant,
+    quiet: bool,
+}
+
+impl Clock {
+    fn say(&self, line: &str) {
+        if !self.quiet {
+            eprintln!("[{:6.1}s] {line}", self.started.elapsed().as_secs_f64());
+        }
+    }
+}
+
+/// What became of one container.
+#[derive(Debug, Clone, PartialEq)]
+enum Outcome {
+    Moved,
+    Failed {
+        /// The phase that failed; `None` when the daemon's stream broke before any began.
+        phase: Option<Phase>,
+        message: String,
+        /// Whether it runs on the source again; `None` when the daemon did not say.
+        rolled_back: Option<bool>,
+        destination_clean: Option<bool>,
+    },
+    NotMovable {
+        reason: String,
+    },
+}
+
+/// One container's outcome, as a JSON line and a table row.
+#[derive(Debug, Clone, Serialize)]
+struct Report {
+    /// Always `"container"`.
+    event: &'static str,
+    container: String,
+    id: String,
+    image: String,
+    from: String,
+    to: String,
+    /// `moved`, `failed` or `not_movable`.
+    result: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    phase: Option<Phase>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rolled_back: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    destination_clean: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    migration_id: Option<String>,
+    /// Seconds its migration took; absent when none ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    downtime_seconds: Option<f64>,
+    /// Bytes over the wire, every round (also those of a failed migration).
+    wire_bytes: u64,
+    #[serde(skip)]
+    outcome: Outcome,
+}
+
+impl Report {
+    fn new(c: &ListedContainer, from: &NodeAddr, to: &NodeAddr, outcome: Outcome) -> Self {
+        let (result, reason, phase, message, rolled_back, destination_clean) = match &outcome {
+            Outcome::Moved => ("moved", None, None, None, None, None),
+            Outcome::NotMovable { reason } => {
+                ("not_movable", Some(reason.clone()), None, None, None, None)
+            }
+            Outcome::Failed {
+                phase,
+                message,
+                rolled_back,
+                destination_clean,
+            } => (
+                "failed",
+                None,
+                *phase,
+                Some(message.clone()),
+                *rolled_back,
+                *destination_clean,
+            ),
+        };
+        Report {
+            event: "container",
+            container: c.name.clone(),
+            id: c.id.clone(),
+            image: c.image.clone(),
+            from: from.name.clone(),
+            to: to.name.clone(),
+            result,
+            reason,
+            phase,
+            message,
+            rolled_back,
+            destination_clean,
+            migration_id: None,
+            seconds: None,
+            downtime_seconds: None,
+            wire_bytes: 0,
+            outcome,
+        }
+    }
+
+    /// The result column.
+    fn result_words(&self) -> String {
+        match &self.outcome {
+            Outcome::Moved => format!("moved to {}", self.to),
+            Outcome::NotMovable { reason } => format!("not movable: {reason}"),
+            Outcome::Failed { phase, message, .. } => {
+                let phase = phase.map_or("before any phase".to_string(), |p| p.to_string());
+                format!("failed in {phase}: {message}")
+            }
+        }
+    }
+
+    /// A failed migration said in words: what, where, and where the container is now.
+    fn failure_words(&self) -> String {
+        let Outcome::Failed {
+            rolled_back,
+            destination_clean,
+            ..
+        } = &self.outcome
+        else {
+            return String::new();
+        };
+        let mut words = format!(
+            "error: migrating {} from {} to {} {}",
+            self.container,
+            self.from,
+            self.to,
+            self.result_words()
+        );
+        match rolled_back {
+            Some(true) => words += &format!("; rolled back: it runs on {} as before", self.from),
+            Some(false) => {
+                words += &format!(
+                    "; ROLLBACK INCOMPLETE: check `podman ps -a` on {} and {} and the daemon log \
+                     of {}",
+                    self.from, self.to, self.from
+                )
+            }
+            None => {
+                words += &format!(
+                    "; where it is now is unknown: check `podman ps -a` on {} and {}",
+                    self.from, self.to
+                )
+            }
+        }
+        if *destination_clean == Some(false) {
+            words += &format!(
+                "; {} did not confirm its cleanup (its daemon removes what the migration left \
+                 when it restarts, or after 5 minutes)",
+                self.to
+            );
+        }
+        words
+    }
+}
+
+/// The table of outcomes, a header first.
+fn table(reports: &[Report]) -> Vec<String> {
+    let width = reports
+        .iter()
+        .map(|r| r.container.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max("CONTAINER".len());
+    let mut lines = vec![format!(
+        "{:<width$}  {:>7}  {:>10}  RESULT",
+        "CONTAINER", "SECONDS", "WIRE"
+    )];
+    for r in reports {
+        let seconds = r.seconds.map_or("-".to_string(), |s| format!("{s:.1}"));
+        let wire = match r.outcome {
+            Outcome::NotMovable { .. } => "-".to_string(),
+            _ => bytes(r.wire_bytes),
+        };
+        lines.push(format!(
+            "{:<width$}  {seconds:>7}  {wire:>10}  {}",
+            r.container,
+            r.result_words()
+        ));
+    }
+    lines
+}
+
+/// The drain's outcome (the last JSON line).
+#[derive(Debug, Clone, Serialize)]
+struct DrainSummary {
+    /// Always `"summary"`.
+    event: &'static str,
+    node: String,
+    to: String,
+    /// Running containers found on the node.
+    containers: usize,
+    moved: usize,
+    failed: usize,
+    not_movable: usize,
+    /// Bytes over the wire, all migrations.
+    wire_bytes: u64,
+    seconds: f64,
+    /// Every running container moved (the exit code is 0).
+    drained: bool,
+}
+
+impl DrainSummary {
+    fn of(reports: &[Report], from: &NodeAddr, to: &NodeAddr, started: Instant) -> Self {
+        let count = |f: fn(&Outcome) -> bool| reports.iter().filter(|r| f(&r.outcome)).count();
+        let moved = count(|o| matches!(o, Outcome::Moved));
+        DrainSummary {
+            event: "summary",
+            node: from.name.clone(),
+            to: to.name.clone(),
+            containers: reports.len(),
+            moved,
+            failed: count(|o| matches!(o, Outcome::Failed { .. })),
+            not_movable: count(|o| matches!(o, Outcome::NotMovable { .. })),
+            wire_bytes: reports.iter().map(|r| r.wire_bytes).sum(),
+            seconds: started.elapsed().as_secs_f64(),
+            drained: moved == reports.len(),
+        }
+    }
+
+    fn sentence(&self) -> String {
+        let how = format!(
+            "{} moved to {} in {:.1} s, {} over the wire",
+            self.moved,
+            self.to,
+            self.seconds,
+            bytes(self.wire_bytes)
+        );
+        if self.drained {
+            format!("{} drained: {how}", self.node)
+        } else {
+            format!(
+                "{} NOT drained: {} of {} containers did not move ({} not movable, {} \
+                 failed); {how}",
+                self.node,
+                self.containers - self.moved,
+                self.containers,
+                self.not_movable,
+                self.failed
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str) -> NodeAddr {
+        NodeAddr {
+            name: name.into(),
+            addr: "10.0.0.1:7400".parse().unwrap(),
+            netns: None,
+        }
+    }
+
+    fn nodes(names: &[&str], lab: bool) -> Nodes {
+        Nodes {
+            nodes: names.iter().map(|n| node(n)).collect(),
+            certs: "certs".into(),
+            lab,
+        }
+    }
+
+    fn container(name: &str) -> ListedContainer {
+        ListedContainer {
+            name: name.into(),
+            id: "abc".into(),
+            image: "img".into(),
+            not_movable: None,
+        }
+    }
+
+    #[test]
+    fn the_target_is_named_or_the_other_lab_node() {
+        let two = nodes(&["a", "b"], true);
+        assert_eq!(target(&two, "a", None).unwrap().name, "b");
+        assert_eq!(target(&two, "b", None).unwrap().name, "a");
+        assert_eq!(target(&two, "a", Some("b")).unwrap().name, "b");
+        let err = target(&two, "a", Some("a")).unwrap_err().to_string();
+        assert!(err.contains("node being drained"), "{err}");
+        let err = target(&two, "a", Some("z")).unwrap_err().to_string();
+        assert!(err.contains("no node \"z\""), "{err}");
+        let three = nodes(&["a", "b", "c"], true);
+        let err = target(&three, "a", None).unwrap_err().to_string();
+        assert!(
+            err.contains("--to is needed") && err.contains("b, c"),
+            "{err}"
+        );
+        assert_eq!(target(&three, "a", Some("c")).unwrap().name, "c");
+        let named = nodes(&["a", "b"], false);
+        let err = target(&named, "a", None).unwrap_err().to_string();
+        assert!(err.contains("--to is needed outside the lab"), "{err}");
+        let one = nodes(&["a"], true);
+        assert!(target(&one, "a", None).is_err());
+    }
+
+    #[test]
+    fn reports_read_as_json_and_as_a_table() {
+        let (a, b) = (node("a"), node("b"));
+        let mut moved = Report::new(&container("web"), &a, &b, Outcome::Moved);
+        moved.seconds = Some(2.5);
+        moved.wire_bytes = 2048;
+        let stays = Report::new(
+            &container("data-keeper"),
+            &a,
+            &b,
+            Outcome::NotMovable {
+                reason: "bind mount of host path /srv".into(),
+            },
+        );
+        let mut failed = Report::new(
+            &container("db"),
+            &a,
+            &b,
+            Outcome::Failed {
+                phase: Some(Phase::Restore),
+                message: "b refused: no room".into(),
+                rolled_back: Some(true),
+                destination_clean: Some(true),
+            },
+        );
+        failed.seconds = Some(1.0);
+
+        let json = serde_json::to_value(&moved).unwrap();
+        assert_eq!(json["event"], "container");
+        assert_eq!(json["result"], "moved");
+        assert_eq!(json["wire_bytes"], 2048);
+        assert!(
+            json.get("reason").is_none() && json.get("outcome").is_none(),
+            "{json}"
+        );
+        let json = serde_json::to_value(&stays).unwrap();
+        assert_eq!(json["result"], "not_movable");
+        assert_eq!(json["reason"], "bind mount of host path /srv");
+        let json = serde_json::to_value(&failed).unwrap();
+        assert_eq!(
+            (&json["result"], &json["phase"], &json["rolled_back"]),
+            (&"failed".into(), &"restore".into(), &true.into())
+        );
+
+        let lines = table(&[moved.clone(), stays.clone(), failed.clone()]);
+        assert_eq!(lines[0], "CONTAINER    SECONDS        WIRE  RESULT");
+        assert_eq!(lines[1], "web              2.5     2.0 KiB  moved to b");
+        assert_eq!(
+            lines[2],
+            "data-keeper        -           -  not movable: bind mount of host path /srv"
+        );
+        assert!(lines[3].ends_with("failed in restore: b refused: no room"));
+        let words = failed.failure_words();
+        assert!(
+            words.contains("migrating db from a to b failed in restore")
+                && words.contains("runs on a as before"),
+            "{words}"
+        );
+
+        let s = DrainSummary::of(&[moved.clone()], &a, &b, Instant::now());
+        assert!(s.drained && s.sentence().starts_with("a drained: 1 moved to b"));
+        let s = DrainSummary::of(&[moved, stays, failed], &a, &b, Instant::now());
+        assert!(!s.drained);
+        assert_eq!((s.moved, s.failed, s.not_movable), (1, 1, 1));
+        assert!(
+            s.sentence()
+                .starts_with("a NOT drained: 2 of 3 containers did not move"),
+            "{}",
+            s.sentence()
+        );
+        assert!(DrainSummary::of(&[], &a, &b, Instant::now()).drained);
+    }
+}
