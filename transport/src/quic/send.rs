@@ -311,7 +311,8 @@ async fn session(
     let mut input_open = true;
     // Source bytes this session has announced in manifest frames: the stream offset reached.
     let mut announced = 0u64;
-    let result = loop {
+    let result = async {
+        loop {
         while let Some(frame) = sender.poll_transmit() {
             let n = write_frame(&mut ctrl_send, &frame, &peer).await?;
             if let Frame::Manifest { entries, .. } = &frame {
@@ -362,6 +363,12 @@ async fn session(
             Some(e) = err_rx.recv() => break Err(e),
             _ = sleep_until(deadline), if deadline.is_some() => sender.handle_timeout(Instant::now()),
         }
+        }
+    }
+    .await;
+    let result = match result {
+        Err(lost @ SessionError::Lost(_)) => Err(explain(&mut sender, &mut reader, lost).await),
+        other => other,
     };
     // Flush what the state machine still has to say (an Abort on failure), then stop workers.
     while let Some(frame) = sender.poll_transmit() {
@@ -379,6 +386,28 @@ async fn session(
     report.chunks_sent += stats.chunks_sent;
     debug!(?stats, "session ended");
     result
+}
+
+/// How long a sender whose streams broke still listens for the receiver's reason.
+const LAST_WORD: Duration = Duration::from_secs(2);
+
+/// A stream or the connection broke: before calling the session lost (and resuming it),
+/// read what the receiver still said on the control stream. A receiver that gives up sends
+/// its Abort, then stops our streams; the stop can reach us before we read the Abort, and
+/// resuming a transfer the receiver refused would only wait out the resume timeout.
+async fn explain(
+    sender: &mut Sender,
+    reader: &mut FrameReader,
+    lost: SessionError,
+) -> SessionError {
+    let deadline = tokio::time::Instant::now() + LAST_WORD;
+    while let Ok(Ok(Some(frame))) = tokio::time::timeout_at(deadline, reader.next()).await {
+        let _ = sender.handle_frame(frame, Instant::now());
+        if let Some(e) = sender.error() {
+            return SessionError::from(e.clone());
+        }
+    }
+    lost
 }
 
 /// Feeds the state machine `first` and whatever else the chunker has ready, while the window
