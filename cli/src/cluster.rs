@@ -42,7 +42,7 @@ pub fn wanted(args: &MigrateArgs, lab_is_up: bool) -> bool {
     args.nodes.is_empty() && !lab_is_up && kubeconfig_exists()
 }
 
-fn kubeconfig_exists() -> bool {
+pub(crate) fn kubeconfig_exists() -> bool {
     if std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty()) {
         return true;
     }
@@ -81,22 +81,9 @@ async fn drive(args: MigrateArgs, out: &Output) -> anyhow::Result<ExitCode> {
         eprintln!("warning: {warning}");
     }
 
-    let certs = match &args.certs {
-        Some(c) => c.clone(),
-        None => {
-            PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?).join(OPERATOR_CERTS)
-        }
-    };
-    let identity = NodeIdentity::load(&certs).with_context(|| {
-        format!(
-            "loading this client's certificate from {} (deploy/certs.sh writes it; or pass \
-             --certs)",
-            certs.display()
-        )
-    })?;
     let from_addr = daemon_addr(&plan.source_daemon, args.daemon_port)?;
     let to_addr = daemon_addr(&plan.target_daemon, args.daemon_port)?;
-    let endpoint = quic::client_endpoint(&identity, None, quic::DEFAULT_IDLE_TIMEOUT)?;
+    let endpoint = operator_endpoint(args.certs.as_deref())?;
     let images = DaemonImages {
         endpoint,
         from: (args.from.clone(), from_addr),
@@ -185,7 +172,7 @@ fn show_progress(p: &Progress) {
 }
 
 /// Now, as RFC 3339 in UTC (second precision).
-fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -196,13 +183,30 @@ fn now_rfc3339() -> String {
 /// The user's client: `--kubeconfig`/`--context`, else what kubectl would use (KUBECONFIG,
 /// ~/.kube/config, or the in-cluster ServiceAccount).
 async fn kube_client(args: &MigrateArgs) -> anyhow::Result<kube::Client> {
+    kube_client_for(args.kubeconfig.as_deref(), args.context.as_deref()).await
+}
+
+/// [`kube_client`] from a kubeconfig path and a context.
+async fn kube_client_for(
+    kubeconfig: Option<&std::path::Path>,
+    context: Option<&str>,
+) -> anyhow::Result<kube::Client> {
+    let config = kube_config_for(kubeconfig, context).await?;
+    kube::Client::try_from(config).context("creating the Kubernetes client")
+}
+
+/// The client configuration of [`kube_client_for`] (`migrate drain` turns kube's retries off).
+pub(crate) async fn kube_config_for(
+    kubeconfig: Option<&std::path::Path>,
+    context: Option<&str>,
+) -> anyhow::Result<kube::Config> {
     let options = kube::config::KubeConfigOptions {
-        context: args.context.clone(),
+        context: context.map(str::to_string),
         ..Default::default()
     };
     const WHAT: &str =
         "loading the Kubernetes client configuration (is KUBECONFIG or ~/.kube/config set?)";
-    let config = match &args.kubeconfig {
+    let config = match kubeconfig {
         Some(path) => {
             let file = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
@@ -210,17 +214,42 @@ async fn kube_client(args: &MigrateArgs) -> anyhow::Result<kube::Client> {
                 .await
                 .context(WHAT)?
         }
-        None if args.context.is_some() => kube::Config::from_kubeconfig(&options)
+        None if context.is_some() => kube::Config::from_kubeconfig(&options)
             .await
             .context(WHAT)?,
         None => kube::Config::infer().await.context(WHAT)?,
     };
-    kube::Client::try_from(config).context("creating the Kubernetes client")
+    Ok(config)
+}
+
+/// A QUIC client endpoint with the operator's certificate: `certs`, or where deploy/certs.sh
+/// leaves it.
+pub(crate) fn operator_endpoint(
+    certs: Option<&std::path::Path>,
+) -> anyhow::Result<quinn::Endpoint> {
+    let certs = match certs {
+        Some(c) => c.to_path_buf(),
+        None => {
+            PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?).join(OPERATOR_CERTS)
+        }
+    };
+    let identity = NodeIdentity::load(&certs).with_context(|| {
+        format!(
+            "loading this client's certificate from {} (deploy/certs.sh writes it; or pass \
+             --certs)",
+            certs.display()
+        )
+    })?;
+    Ok(quic::client_endpoint(
+        &identity,
+        None,
+        quic::DEFAULT_IDLE_TIMEOUT,
+    )?)
 }
 
 /// A daemon's address: its Pod IP (the daemons use the host network, so it is the node's)
 /// and the port.
-fn daemon_addr(daemon: &DaemonPod, port: u16) -> anyhow::Result<SocketAddr> {
+pub(crate) fn daemon_addr(daemon: &DaemonPod, port: u16) -> anyhow::Result<SocketAddr> {
     let ip = daemon
         .ip
         .as_deref()
@@ -237,7 +266,7 @@ fn daemon_addr(daemon: &DaemonPod, port: u16) -> anyhow::Result<SocketAddr> {
 
 /// The checkpoint images, made by the daemons: each container is checkpointed by the source
 /// node's daemon through its kubelet, sent, and imported by the target node's daemon.
-struct DaemonImages<'a> {
+pub(crate) struct DaemonImages<'a> {
     endpoint: quinn::Endpoint,
     from: (String, SocketAddr),
     to: (String, SocketAddr),
@@ -247,7 +276,24 @@ struct DaemonImages<'a> {
     made: Mutex<Vec<String>>,
 }
 
-impl DaemonImages<'_> {
+impl<'a> DaemonImages<'a> {
+    /// The images of one Pod's migration from node `from` to node `to` (name, daemon address).
+    pub(crate) fn new(
+        endpoint: quinn::Endpoint,
+        from: (String, SocketAddr),
+        to: (String, SocketAddr),
+        view: View<'a>,
+    ) -> Self {
+        DaemonImages {
+            endpoint,
+            from,
+            to,
+            precopy: None,
+            view: Mutex::new(view),
+            made: Mutex::new(Vec::new()),
+        }
+    }
+
     /// Sends `request` to the target node's daemon for every image made.
     async fn tell_target(&self, request: impl Fn(String) -> Request) -> Vec<String> {
         let ids: Vec<String> = self.made.lock().await.drain(..).collect();
@@ -272,7 +318,7 @@ impl DaemonImages<'_> {
 
     /// The Pod runs: the target keeps the images (the kubelet needs them if a container
     /// restarts) and deletes the checkpoint files.
-    async fn finish(&self) {
+    pub(crate) async fn finish(&self) {
         for problem in self
             .tell_target(|migration_id| Request::Finish {
                 migration_id,

@@ -6,14 +6,21 @@
 //! start of each, and ends with a table of outcomes, or with `--json` one object per
 //! container and a summary. The exit code says whether NODE is empty of running containers.
 //!
-//! There is no scheduler on Podman nodes, so nothing is cordoned. The Kubernetes drain
-//! (cordon the Node, migrate its Pods) is not built yet.
+//! There is no scheduler on Podman nodes, so nothing is cordoned.
+//!
+//! On a Kubernetes cluster (chosen as `migrate POD` chooses it: a Kubernetes option, or a
+//! kubeconfig found when no lab is up and no `--node` is given) the same command drains a
+//! Node through [`engine::drain::drain`]: cordon, each movable Pod to a node chosen as the
+//! scheduler would (or `--to`), `--evict-rest` for the rest; the daemon part of each Pod's
+//! migration is [`crate::cluster::DaemonImages`]. `--watch` runs [`engine::drain::Watcher`]:
+//! nodes marked for drain (annotation or taint `migrate.dev/drain`, or our Cluster API
+//! pre-drain hook on their Machine) are drained and their mark removed.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -42,22 +49,48 @@ tmpfs move), run with --privileged, or labelled migrate.dev/pinned=true. Contain
 not run are left alone and not counted.
 
 No cordon: Podman nodes have no scheduler, so nothing keeps new containers off NODE while or
-after it drains; stop whatever starts them first. (Draining a Kubernetes node, cordoning it
-and migrating its Pods, is not built yet.)
+after it drains; stop whatever starts them first.
 
-Exit codes: 0 every running container of NODE moved, or none ran; 1 at least one did not
-move (not movable, or its migration failed), or the drain could not start (the message says
+On Kubernetes (chosen by --kubernetes, --kubeconfig, --context, --evict-rest or --watch, or
+by a kubeconfig being found when no lab is up and no --node is given): NODE is cordoned and
+stays cordoned afterwards, as after `kubectl drain` (`kubectl uncordon NODE` when it is back).
+Its Pods, in all namespaces, move one by one as `migrate POD --from NODE --to TARGET` does,
+at most --concurrency at once; without --to each goes to a Ready, schedulable node with a
+migrate daemon that fits its requests, nodeSelector, required node affinity and taints (the
+scheduler's filters; among those, the node with the most free CPU and memory). DaemonSet and
+static Pods stay (they belong to the node) and do not count against the drain; finished Pods
+are skipped. Not movable, and reported: StatefulSet, Job and other controllers' Pods, hostPath
+volumes, PersistentVolumes pinned to NODE, Pods not Running. --evict-rest evicts those, and
+Pods whose migration failed, the normal way (an Eviction, so PodDisruptionBudgets apply; a
+refusal is reported, not retried).
+
+--watch drains nodes as they are marked, until interrupted: annotation migrate.dev/drain=true
+or taint migrate.dev/drain on the Node, or the Cluster API pre-drain hook
+pre-drain.delete.hook.machine.cluster.x-k8s.io/migrate on its Machine being deleted. When
+every Pod moved (or with --evict-rest was evicted) the mark is removed, so `kubectl drain` or
+Cluster API proceeds; otherwise it stays, and the node is not retried until the watcher
+restarts.
+
+Exit codes: 0 every running container (Pod) of NODE moved, or none ran (with --evict-rest:
+moved or evicted); 1 at least one did not, or the drain could not start (the message says
 what to check); 2 bad usage.
 
 Examples:
   migrate drain node1                   # in a two-node lab: everything to the other node
   migrate drain node1 --to node3 --concurrency 4
   migrate drain node1 --to node2 --json # one JSON object per container, then a summary
-  migrate drain a --to b --node a=10.0.0.1:7400 --node b=10.0.0.2:7400 --certs certs/operator")]
+  migrate drain a --to b --node a=10.0.0.1:7400 --node b=10.0.0.2:7400 --certs certs/operator
+  migrate drain worker-3 --kubernetes   # a Kubernetes node: targets chosen per Pod
+  migrate drain worker-3 --evict-rest   # ... and evict what cannot move
+  migrate drain --watch --evict-rest    # drain marked nodes: kubectl annotate node worker-3 migrate.dev/drain=true")]
 pub struct DrainArgs {
-    /// The node to empty.
-    #[arg(value_name = "NODE")]
-    node: String,
+    /// The node to empty (not with --watch).
+    #[arg(
+        value_name = "NODE",
+        required_unless_present = "watch",
+        conflicts_with = "watch"
+    )]
+    node: Option<String>,
     /// The node the containers move to. Needed outside the lab and in a lab of more than
     /// two nodes; in a two-node lab it defaults to the other node.
     #[arg(long, value_name = "NODE")]
@@ -73,15 +106,71 @@ pub struct DrainArgs {
     #[arg(long = "node", value_name = "NAME=ADDR:PORT", value_parser = nodes::parse_node)]
     nodes: Vec<(String, SocketAddr)>,
     /// Certificate folder of this client (from `migrate certs init`); the lab's operator
-    /// certificate by default.
+    /// certificate by default, on Kubernetes ~/.config/migrate/certs/operator.
     #[arg(long)]
     certs: Option<PathBuf>,
+    /// Kubernetes: evict the Pods that could not move (not DaemonSet or static Pods), through
+    /// the Eviction API so PodDisruptionBudgets apply.
+    #[arg(long)]
+    evict_rest: bool,
+    /// Kubernetes: drain nodes as they are marked for drain, until interrupted.
+    #[arg(long)]
+    watch: bool,
+    /// Kubernetes: seconds between two looks for marked nodes (--watch).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    interval: u64,
+    /// Kubernetes: the kubeconfig file (default: as kubectl finds it).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Kubernetes: the kubeconfig context.
+    #[arg(long)]
+    context: Option<String>,
+    /// Kubernetes, even when nothing else says so.
+    #[arg(long)]
+    kubernetes: bool,
+    /// Kubernetes: the daemons' UDP port on every node.
+    #[arg(long, default_value_t = control::DEFAULT_PORT)]
+    daemon_port: u16,
+    /// Kubernetes: seconds each new Pod may take to become Ready before it is rolled back.
+    #[arg(long, default_value_t = 180)]
+    ready_timeout: u64,
+}
+
+impl DrainArgs {
+    /// Whether this is a Kubernetes drain: a Kubernetes option was given, or nothing else
+    /// (no `--node`, no lab up) says where the nodes are and a kubeconfig exists.
+    fn on_kubernetes(&self, lab_is_up: bool) -> bool {
+        if self.kubernetes
+            || self.evict_rest
+            || self.watch
+            || self.kubeconfig.is_some()
+            || self.context.is_some()
+        {
+            return true;
+        }
+        self.nodes.is_empty() && !lab_is_up && crate::cluster::kubeconfig_exists()
+    }
 }
 
 /// Runs `migrate drain`.
 pub fn run(args: DrainArgs, out: &Output) -> anyhow::Result<ExitCode> {
+    let lab_is_up = engine::lab::read_state(&engine::lab::LabOptions::from_env())
+        .ok()
+        .flatten()
+        .is_some();
+    if args.on_kubernetes(lab_is_up) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        return rt.block_on(kubernetes::run(&args, *out));
+    }
+    let node = args
+        .node
+        .clone()
+        .context("NODE is needed: the node to drain")?;
     let nodes = Nodes::find(&args.nodes, args.certs.as_deref())?;
-    let from = nodes.get(&args.node)?.clone();
+    let from = nodes.get(&node)?.clone();
     let to = target(&nodes, &from.name, args.to.as_deref())?.clone();
     if let Some(code) = nodes::run_inside(&from)? {
         return Ok(code);
@@ -361,6 +450,13 @@ impl Clock {
             eprintln!("[{:6.1}s] {line}", self.started.elapsed().as_secs_f64());
         }
     }
+
+    /// [`Clock::say`] of `prefix` and `line`, when there is a line.
+    fn say_prefixed(&self, prefix: &str, line: Option<&str>) {
+        if let Some(line) = line {
+            self.say(&format!("{prefix}{line}"));
+        }
+    }
 }
 
 /// What became of one container.
@@ -601,6 +697,452 @@ impl DrainSummary {
     }
 }
 
+/// The Kubernetes drain: [`engine::drain`] with the daemons behind
+/// [`crate::cluster::DaemonImages`], per-Pod progress lines, a table and an exit code.
+mod kubernetes {
+    use super::*;
+
+    use engine::cluster::{CheckpointImages, PodPlan, Progress};
+    use engine::drain::{
+        self, DrainEvent, DrainOptions, DrainReport, Eviction, PodReport, PodResult, WatchEvent,
+        Watcher,
+    };
+    use std::collections::BTreeMap;
+
+    use crate::cluster::{self, DaemonImages};
+    use crate::progress::View;
+
+    /// The daemons' own progress is not drawn (several Pods move at once and their bars would
+    /// interleave): drain prints one line per step; daemon failures are still shown.
+    static QUIET: Output = Output { quiet: true };
+
+    /// The images of one Pod, or why its daemons cannot be reached.
+    enum PodImages {
+        Daemons(Arc<DaemonImages<'static>>),
+        Unreachable(String),
+    }
+
+    impl CheckpointImages for PodImages {
+        async fn prepare(
+            &self,
+            plan: &PodPlan,
+            migration_id: &str,
+        ) -> Result<BTreeMap<String, String>, String> {
+            match self {
+                PodImages::Daemons(d) => d.prepare(plan, migration_id).await,
+                PodImages::Unreachable(why) => Err(why.clone()),
+            }
+        }
+
+        async fn discard(&self, plan: &PodPlan, migration_id: &str) {
+            if let PodImages::Daemons(d) = self {
+                d.discard(plan, migration_id).await
+            }
+        }
+    }
+
+    /// Makes the [`PodImages`] of each planned Pod and keeps them, to tell the target daemons
+    /// to finish once the Pods run.
+    struct Images {
+        endpoint: quinn::Endpoint,
+        port: u16,
+        made: Mutex<Vec<Arc<DaemonImages<'static>>>>,
+    }
+
+    impl Images {
+        fn for_plan(&self, plan: &PodPlan) -> PodImages {
+            let addrs = cluster::daemon_addr(&plan.source_daemon, self.port)
+                .and_then(|from| Ok((from, cluster::daemon_addr(&plan.target_daemon, self.port)?)));
+            match addrs {
+                Ok((from, to)) => {
+                    let images = Arc::new(DaemonImages::new(
+                        self.endpoint.clone(),
+                        (plan.from.clone(), from),
+                        (plan.to.clone(), to),
+                        View::new(&QUIET, false).for_pods(),
+                    ));
+                    self.made
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(images.clone());
+                    PodImages::Daemons(images)
+                }
+                Err(e) => PodImages::Unreachable(format!("{e:#}")),
+            }
+        }
+
+        /// The target daemons keep the images and drop the checkpoint files (nothing is left
+        /// to do for rolled back migrations: their images were discarded).
+        async fn finish(&self) {
+            let made: Vec<_> = self
+                .made
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drain(..)
+                .collect();
+            for images in made {
+                images.finish().await;
+            }
+        }
+    }
+
+    pub(super) async fn run(args: &DrainArgs, out: Output) -> anyhow::Result<ExitCode> {
+        let mut config =
+            cluster::kube_config_for(args.kubeconfig.as_deref(), args.context.as_deref()).await?;
+        // kube retries a 429 up to 15 times: an Eviction refused by a PodDisruptionBudget is to
+        // be reported, not retried for minutes.
+        config.default_retry = false;
+        let client = kube::Client::try_from(config).context("creating the Kubernetes client")?;
+        let endpoint = cluster::operator_endpoint(args.certs.as_deref())?;
+        let images = Images {
+            endpoint,
+            port: args.daemon_port,
+            made: Mutex::new(Vec::new()),
+        };
+        let clock = Clock {
+            started: Instant::now(),
+            quiet: out.quiet || args.json,
+        };
+        let mut opts = DrainOptions::new(&cluster::now_rfc3339());
+        opts.to = args.to.clone();
+        opts.concurrency = usize::from(args.concurrency);
+        opts.evict_rest = args.evict_rest;
+        opts.ready_timeout = Duration::from_secs(args.ready_timeout);
+        if args.watch {
+            return watch(args, &client, opts, &images, clock, out).await;
+        }
+        let node = args
+            .node
+            .clone()
+            .context("NODE is needed: the node to drain")?;
+        clock.say(&format!(
+            "draining Kubernetes node {node}: cordon, then each Pod that can move to {} (at \
+             most {} at once){}",
+            args.to
+                .as_deref()
+                .unwrap_or("a node chosen as the scheduler would"),
+            args.concurrency,
+            if args.evict_rest {
+                "; the rest is evicted"
+            } else {
+                ""
+            }
+        ));
+        let report = drain::drain(
+            &client,
+            &node,
+            &opts,
+            |p| images.for_plan(p),
+            |e| say_event(clock, &e),
+        )
+        .await;
+        images.finish().await;
+        let report = report.map_err(|e| anyhow::anyhow!("{e}"))?;
+        print_report(&report, args, out, clock.started);
+        Ok(if report.settled() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
+    }
+
+    /// `--watch`: a pass every `--interval` seconds until Ctrl-C.
+    async fn watch(
+        args: &DrainArgs,
+        client: &kube::Client,
+        opts: DrainOptions,
+        images: &Images,
+        clock: Clock,
+        out: Output,
+    ) -> anyhow::Result<ExitCode> {
+        clock.say(&format!(
+            "watching for nodes marked for drain (annotation {}=true, taint {}, or hook {} on \
+             a Machine being deleted), every {} s; Ctrl-C stops",
+            drain::DRAIN_ANNOTATION,
+            drain::DRAIN_TAINT,
+            drain::MACHINE_HOOK,
+            args.interval
+        ));
+        let mut watcher = Watcher::new(opts);
+        let mut tick = tokio::time::interval(Duration::from_secs(args.interval));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+            }
+            let pass = watcher
+                .watch_once(client, |p| images.for_plan(p), |e| say_watch(clock, &e))
+                .await;
+            images.finish().await;
+            match pass {
+                Ok(outcomes) => {
+                    for o in outcomes {
+                        if let Ok(report) = &o.report {
+                            print_report(report, args, out, clock.started);
+                        }
+                    }
+                }
+                Err(e) => eprintln!("warning: watching for nodes to drain: {e}"),
+            }
+        }
+    }
+
+    fn say_watch(clock: Clock, event: &WatchEvent) {
+        match event {
+            WatchEvent::Draining { node, marks } => clock.say(&format!(
+                "node {node} is marked for drain ({})",
+                marks
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            WatchEvent::Drain { node, event } => {
+                clock.say_prefixed(&format!("{node}: "), event_line(event).as_deref())
+            }
+            WatchEvent::Released { node, mark } => {
+                clock.say(&format!("{node}: drained; removed the {mark}"))
+            }
+            WatchEvent::Kept { node, why } => eprintln!("warning: node {node}: {why}"),
+            WatchEvent::Warning(w) => eprintln!("warning: {w}"),
+        }
+    }
+
+    fn say_event(clock: Clock, event: &DrainEvent) {
+        clock.say_prefixed("", event_line(event).as_deref());
+        if let DrainEvent::Done {
+            pod,
+            result: PodResult::Failed { to, phase, message },
+        } = event
+        {
+            // Failures are said in words even with --json and -q, as `migrate` does.
+            eprintln!(
+                "error: migrating Pod {pod}{} failed while {phase}: {message}",
+                to.as_ref().map(|t| format!(" to {t}")).unwrap_or_default()
+            );
+        }
+    }
+
+    /// The progress line of a drain step, if it has one.
+    fn event_line(event: &DrainEvent) -> Option<String> {
+        Some(match event {
+            DrainEvent::Cordoned { already: true } => "the node was cordoned already".into(),
+            DrainEvent::Cordoned { already: false } => {
+                "cordoned (spec.unschedulable): no new Pod starts there".into()
+            }
+            DrainEvent::Found { movable, staying } => {
+                format!("{movable} Pod(s) to move, {staying} staying")
+            }
+            DrainEvent::Staying { pod, result } => format!("{pod}: {}", result_words(result)),
+            DrainEvent::Target { pod, to } => format!("{pod}: moving to {to}"),
+            DrainEvent::Step { pod, progress } => {
+                let step = match progress {
+                    Progress::Preparing => {
+                        "checkpointing through the kubelet (the Pod keeps running)".to_string()
+                    }
+                    Progress::Prepared(images) => {
+                        format!("{} checkpoint image(s) ready on the target", images.len())
+                    }
+                    Progress::Created { pod } => {
+                        format!("created Pod {pod}; waiting until it is Ready")
+                    }
+                    Progress::Starting { .. } => return None,
+                    Progress::Ready { after } => {
+                        format!("new Pod Ready after {:.1} s", after.as_secs_f64())
+                    }
+                    Progress::DeletingSource => "deleting the source Pod".into(),
+                    Progress::HandingOver { replicaset } => {
+                        format!("handing the new Pod to ReplicaSet {replicaset}")
+                    }
+                    Progress::RollingBack(phase) => format!("{phase} failed: rolling back"),
+                };
+                format!("{pod}: {step}")
+            }
+            DrainEvent::Done { pod, result } => match result {
+                PodResult::Failed { .. } => return None,
+                other => format!("{pod}: {}", result_words(other)),
+            },
+            DrainEvent::Evicted { pod, eviction } => {
+                format!("{pod}: {}", eviction_words(eviction))
+            }
+        })
+    }
+
+    fn result_words(result: &PodResult) -> String {
+        match result {
+            PodResult::Moved { to, new_pod, took } => {
+                format!("moved to {to} as {new_pod} in {:.1} s", took.as_secs_f64())
+            }
+            PodResult::Failed { phase, message, .. } => {
+                format!("failed while {phase}: {message}")
+            }
+            PodResult::NotMovable {
+                reason,
+                node_bound: true,
+            } => format!("stays on the node: {reason}"),
+            PodResult::NotMovable { reason, .. } => format!("not movable: {reason}"),
+            PodResult::Skipped { reason } => format!("skipped: {reason}"),
+        }
+    }
+
+    fn eviction_words(eviction: &Eviction) -> String {
+        match eviction {
+            Eviction::Evicted => "evicted".into(),
+            Eviction::Blocked { message } => format!(
+                "eviction refused (a PodDisruptionBudget does not allow it now; not retried): \
+                 {message}"
+            ),
+            Eviction::Failed { message } => format!("eviction failed: {message}"),
+            Eviction::Skipped { reason } => format!("not evicted: {reason}"),
+        }
+    }
+
+    /// One Pod's outcome as a JSON line.
+    fn pod_json(node: &str, p: &PodReport) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "event": "pod", "node": node, "namespace": p.namespace, "pod": p.name,
+        });
+        match &p.result {
+            PodResult::Moved { to, new_pod, took } => {
+                v["result"] = "moved".into();
+                v["to"] = to.as_str().into();
+                v["new_pod"] = new_pod.as_str().into();
+                v["seconds"] = took.as_secs_f64().into();
+            }
+            PodResult::Failed { to, phase, message } => {
+                v["result"] = "failed".into();
+                if let Some(to) = to {
+                    v["to"] = to.as_str().into();
+                }
+                v["phase"] = phase.as_str().into();
+                v["message"] = message.as_str().into();
+            }
+            PodResult::NotMovable { reason, node_bound } => {
+                v["result"] = if *node_bound { "stays" } else { "not_movable" }.into();
+                v["reason"] = reason.as_str().into();
+            }
+            PodResult::Skipped { reason } => {
+                v["result"] = "skipped".into();
+                v["reason"] = reason.as_str().into();
+            }
+        }
+        if let Some(e) = &p.eviction {
+            let (word, message) = match e {
+                Eviction::Evicted => ("evicted", None),
+                Eviction::Blocked { message } => ("blocked", Some(message)),
+                Eviction::Failed { message } => ("failed", Some(message)),
+                Eviction::Skipped { reason } => ("skipped", Some(reason)),
+            };
+            v["eviction"] = word.into();
+            if let Some(m) = message {
+                v["eviction_message"] = m.as_str().into();
+            }
+        }
+        v
+    }
+
+    /// The table of a drain's Pods, a header first: Pod, result, target, seconds.
+    pub(super) fn pod_table(report: &DrainReport) -> Vec<String> {
+        let rows: Vec<(String, String, String, String)> = report
+            .pods
+            .iter()
+            .map(|p| {
+                let (target, seconds) = match &p.result {
+                    PodResult::Moved { to, took, .. } => {
+                        (to.clone(), format!("{:.1}", took.as_secs_f64()))
+                    }
+                    PodResult::Failed { to: Some(to), .. } => (to.clone(), "-".into()),
+                    _ => ("-".into(), "-".into()),
+                };
+                let mut result = result_words(&p.result);
+                if let Some(e) = &p.eviction {
+                    result = format!("{result}; {}", eviction_words(e));
+                }
+                (p.id(), result, target, seconds)
+            })
+            .collect();
+        let width = |f: fn(&(String, String, String, String)) -> &String, head: &str| {
+            rows.iter()
+                .map(|r| f(r).chars().count())
+                .max()
+                .unwrap_or(0)
+                .max(head.len())
+        };
+        let pod_w = width(|r| &r.0, "POD");
+        let target_w = width(|r| &r.2, "TARGET");
+        let mut lines = vec![format!(
+            "{:<pod_w$}  {:<target_w$}  {:>7}  RESULT",
+            "POD", "TARGET", "SECONDS"
+        )];
+        for (pod, result, target, seconds) in rows {
+            lines.push(format!(
+                "{pod:<pod_w$}  {target:<target_w$}  {seconds:>7}  {result}"
+            ));
+        }
+        lines
+    }
+
+    /// The last sentence: drained or not, what stays, and that the node stays cordoned.
+    pub(super) fn sentence(report: &DrainReport, seconds: f64) -> String {
+        let count = |f: fn(&PodReport) -> bool| report.pods.iter().filter(|p| f(p)).count();
+        let moved = count(|p| matches!(p.result, PodResult::Moved { .. }));
+        let evicted = count(|p| p.eviction == Some(Eviction::Evicted));
+        let stays = count(|p| {
+            matches!(
+                p.result,
+                PodResult::NotMovable {
+                    node_bound: true,
+                    ..
+                }
+            )
+        });
+        let left = count(|p| !p.settled());
+        let node = &report.node;
+        let cordon = format!("{node} stays cordoned (`kubectl uncordon {node}` when it is back)");
+        if left == 0 {
+            format!(
+                "{node} drained in {seconds:.1} s: {moved} Pod(s) moved, {evicted} evicted, \
+                 {stays} DaemonSet or static Pod(s) stay; {cordon}"
+            )
+        } else {
+            format!(
+                "{node} NOT drained: {left} Pod(s) did not move{}; {moved} moved, {evicted} \
+                 evicted in {seconds:.1} s; {cordon}",
+                if report.pods.iter().any(|p| p.eviction.is_some()) {
+                    " and were not evicted"
+                } else {
+                    " (--evict-rest evicts them)"
+                }
+            )
+        }
+    }
+
+    fn print_report(report: &DrainReport, args: &DrainArgs, out: Output, started: Instant) {
+        let seconds = started.elapsed().as_secs_f64();
+        if args.json {
+            for p in &report.pods {
+                out.json(&pod_json(&report.node, p));
+            }
+            out.json(&serde_json::json!({
+                "event": "summary", "node": report.node, "pods": report.pods.len(),
+                "moved": report.pods.iter().filter(|p| matches!(p.result, PodResult::Moved { .. })).count(),
+                "was_cordoned": report.was_cordoned, "all_moved": report.all_moved(),
+                "drained": report.settled(), "seconds": seconds,
+            }));
+            return;
+        }
+        if report.pods.is_empty() {
+            out.line(format!("nothing to drain: no Pods run on {}", report.node));
+            return;
+        }
+        for line in pod_table(report) {
+            out.line(line);
+        }
+        out.line(sentence(report, seconds));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -725,5 +1267,95 @@ mod tests {
             s.sentence()
         );
         assert!(DrainSummary::of(&[], &a, &b, Instant::now()).drained);
+    }
+
+    #[test]
+    fn kubernetes_drains_read_as_a_table_and_a_sentence() {
+        use engine::drain::{DrainReport, Eviction, PodReport, PodResult};
+        let pod = |name: &str, result: PodResult, eviction: Option<Eviction>| PodReport {
+            namespace: "shop".into(),
+            name: name.into(),
+            result,
+            eviction,
+        };
+        let moved = pod(
+            "web",
+            PodResult::Moved {
+                to: "node-b".into(),
+                new_pod: "web-1a2b".into(),
+                took: std::time::Duration::from_millis(2500),
+            },
+            None,
+        );
+        let stays = pod(
+            "ds-x",
+            PodResult::NotMovable {
+                reason: "it belongs to DaemonSet ds".into(),
+                node_bound: true,
+            },
+            None,
+        );
+        let mut report = DrainReport {
+            node: "node-a".into(),
+            was_cordoned: false,
+            pods: vec![moved, stays],
+        };
+        let lines = kubernetes::pod_table(&report);
+        assert_eq!(lines[0], "POD        TARGET  SECONDS  RESULT");
+        assert_eq!(
+            lines[1],
+            "shop/web   node-b      2.5  moved to node-b as web-1a2b in 2.5 s"
+        );
+        assert!(lines[2].ends_with("stays on the node: it belongs to DaemonSet ds"));
+        let s = kubernetes::sentence(&report, 3.0);
+        assert!(
+            s.starts_with("node-a drained in 3.0 s: 1 Pod(s) moved, 0 evicted, 1 DaemonSet")
+                && s.contains("`kubectl uncordon node-a`"),
+            "{s}"
+        );
+        report.pods.push(pod(
+            "db-0",
+            PodResult::NotMovable {
+                reason: "StatefulSet".into(),
+                node_bound: false,
+            },
+            Some(Eviction::Blocked {
+                message: "budget".into(),
+            }),
+        ));
+        let s = kubernetes::sentence(&report, 3.0);
+        assert!(
+            s.starts_with("node-a NOT drained: 1 Pod(s) did not move and were not evicted"),
+            "{s}"
+        );
+        let lines = kubernetes::pod_table(&report);
+        assert!(
+            lines[3].contains("not movable: StatefulSet; eviction refused"),
+            "{lines:?}"
+        );
+    }
+
+    #[test]
+    fn kubernetes_options_choose_the_kubernetes_drain() {
+        use clap::Parser;
+        #[derive(Debug, Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: DrainArgs,
+        }
+        let parse = |words: &[&str]| Cli::try_parse_from(words).map(|c| c.args);
+        assert!(parse(&["drain", "node-a", "--evict-rest"])
+            .unwrap()
+            .on_kubernetes(true));
+        assert!(parse(&["drain", "--watch"]).unwrap().on_kubernetes(true));
+        assert!(parse(&["drain", "n", "--kubernetes"])
+            .unwrap()
+            .on_kubernetes(true));
+        let lab = parse(&["drain", "node1"]).unwrap();
+        assert!(!lab.on_kubernetes(true), "a lab is up");
+        let named = parse(&["drain", "a", "--to", "b", "--node", "a=10.0.0.1:7400"]).unwrap();
+        assert!(!named.on_kubernetes(false));
+        assert!(parse(&["drain"]).is_err(), "NODE or --watch");
+        assert!(parse(&["drain", "node-a", "--watch"]).is_err());
     }
 }

@@ -7,8 +7,18 @@
 //! (a list, filtered by `labelSelector` equality/existence terms and `fieldSelector` equality
 //! terms such as `spec.nodeName=node-a`); POST to a collection (uid, resourceVersion and
 //! creationTimestamp assigned; a Pod's status reset to `phase: Pending`; `409 AlreadyExists`);
-//! PATCH with `application/merge-patch+json` (RFC 7386; other patch types get `415`); DELETE.
+//! PATCH with `application/merge-patch+json` (RFC 7386; other patch types get `415`; a
+//! `metadata.resourceVersion` in the patch that is not the object's gets `409 Conflict`); DELETE.
 //! Errors are real `Status` objects.
+//!
+//! For drains: a collection of a namespaced resource without a namespace (`/api/v1/pods`,
+//! `/apis/cluster.x-k8s.io/v1beta1/machines`) lists it across all namespaces; Nodes are listed
+//! and PATCHed like anything else (cordon: `spec.unschedulable`); the Eviction subresource
+//! (`POST /api/v1/namespaces/{ns}/pods/{name}/eviction`, a policy/v1 `Eviction`) deletes the
+//! Pod, unless a PodDisruptionBudget-style refusal was set for it
+//! ([`FakeApiServer::refuse_eviction`]): then `429 TooManyRequests`, as the real server answers
+//! when a budget does not allow the disruption. Cluster API Machines
+//! (`cluster.x-k8s.io/v1beta1`, kind `Machine`) are stored, read, listed and PATCHed.
 //!
 //! Simplifications, on purpose: DELETE removes the object at once and answers it with a
 //! `deletionTimestamp` (as if the kubelet confirmed termination instantly); no admission (no
@@ -131,6 +141,8 @@ struct State {
     requests: Vec<Recorded>,
     /// Pods the ReplicaSet reaction deleted, by path, in order.
     controller_deletions: Vec<String>,
+    /// Pod path → the message of the 429 its Eviction gets (a PodDisruptionBudget refusal).
+    eviction_refusals: BTreeMap<String, String>,
     counter: u64,
 }
 
@@ -198,6 +210,7 @@ impl FakeApiServer {
             injected: Vec::new(),
             requests: Vec::new(),
             controller_deletions: Vec::new(),
+            eviction_refusals: BTreeMap::new(),
             counter: 0,
         }));
         let shared = state.clone();
@@ -298,6 +311,25 @@ impl FakeApiServer {
     pub fn controller_deletions(&self) -> Vec<String> {
         self.lock().controller_deletions.clone()
     }
+
+    /// Answers every Eviction of Pod `namespace/name` from now on with `429 TooManyRequests`
+    /// and `message`, as the API server does when a PodDisruptionBudget forbids it; the Pod
+    /// stays.
+    pub fn refuse_eviction(&self, namespace: &str, name: &str, message: &str) {
+        self.lock()
+            .eviction_refusals
+            .insert(pod_path(namespace, name), message.to_string());
+    }
+}
+
+/// `/api/v1/nodes/{name}`.
+pub fn node_path(name: &str) -> String {
+    format!("/api/v1/nodes/{name}")
+}
+
+/// `/apis/cluster.x-k8s.io/v1beta1/namespaces/{namespace}/machines/{name}`.
+pub fn machine_path(namespace: &str, name: &str) -> String {
+    format!("/apis/cluster.x-k8s.io/v1beta1/namespaces/{namespace}/machines/{name}")
 }
 
 /// `/api/v1/namespaces/{namespace}/pods/{name}`.
@@ -320,6 +352,7 @@ fn object_path(obj: &Value) -> String {
         "ReplicaSet" => "replicasets",
         "PersistentVolumeClaim" => "persistentvolumeclaims",
         "PersistentVolume" => "persistentvolumes",
+        "Machine" => "machines",
         other => panic!("the fake API server does not know kind {other}"),
     };
     let group = if api_version == "v1" {
@@ -341,6 +374,7 @@ fn list_kind(plural: &str) -> String {
         "replicasets" => "ReplicaSet",
         "persistentvolumeclaims" => "PersistentVolumeClaim",
         "persistentvolumes" => "PersistentVolume",
+        "machines" => "Machine",
         _ => "Unknown",
     };
     format!("{kind}List")
@@ -447,6 +481,13 @@ async fn handle(shared: Arc<Mutex<State>>, req: Request<Incoming>) -> Response<F
         let e = state.injected.remove(i);
         return status(e.code, &e.reason, &e.message, "", "");
     }
+    if let Some(pod) = path.strip_suffix("/eviction") {
+        if method != Method::POST {
+            let message = format!("{method} is not supported on {path}");
+            return status(405, "MethodNotAllowed", &message, "", "");
+        }
+        return evict(&mut state, pod, body);
+    }
     let Some(target) = parse_target(&path) else {
         return status(
             404,
@@ -505,7 +546,13 @@ async fn handle(shared: Arc<Mutex<State>>, req: Request<Incoming>) -> Response<F
             let Some(obj) = state.objects.get_mut(&path) else {
                 return not_found(plural, name);
             };
-            merge(obj, &body.unwrap_or(Value::Null));
+            let body = body.unwrap_or(Value::Null);
+            let expected = &body["metadata"]["resourceVersion"];
+            if expected.is_string() && *expected != obj["metadata"]["resourceVersion"] {
+                let message = format!("Operation cannot be fulfilled on {plural} \"{name}\": the object has been modified; please apply your changes to the latest version and try again");
+                return status(409, "Conflict", &message, plural, name);
+            }
+            merge(obj, &body);
             state.bump(&path);
             // The answer is the patched object; controllers react after it, as they do on a
             // real cluster (through their watches).
@@ -545,10 +592,28 @@ fn list(state: &State, target: &Target, query: &[(String, String)]) -> Response<
             .map(|(_, v)| v.as_str())
     };
     let prefix = format!("{}/", target.collection);
+    // A collection without a namespace also holds the namespaced objects of every namespace.
+    let (group, _) = target
+        .collection
+        .rsplit_once('/')
+        .unwrap_or((target.collection.as_str(), ""));
+    let everywhere = format!("{group}/namespaces/");
+    let suffix = format!("/{}/", target.plural);
     let mut items = Vec::new();
     for (path, obj) in &state.objects {
-        let Some(rest) = path.strip_prefix(&prefix) else {
-            continue;
+        let rest = match path.strip_prefix(&prefix) {
+            Some(rest) => rest,
+            None if !target.collection.contains("/namespaces/") => {
+                match path
+                    .strip_prefix(&everywhere)
+                    .and_then(|r| r.split_once('/'))
+                    .and_then(|(_, r)| r.strip_prefix(&suffix[1..]))
+                {
+                    Some(rest) => rest,
+                    None => continue,
+                }
+            }
+            None => continue,
         };
         if rest.contains('/') {
             continue;
@@ -584,6 +649,36 @@ fn list(state: &State, target: &Target, query: &[(String, String)]) -> Response<
             "metadata": {"resourceVersion": state.counter.to_string()},
             "items": items
         }),
+    )
+}
+
+/// The Eviction subresource of the Pod at `pod_path`: a 429 when a refusal was set for it, else
+/// the Pod is deleted and the answer is a `Success` Status, as from the real server.
+fn evict(state: &mut State, pod_path: &str, body: Option<Value>) -> Reply {
+    let name = pod_path.rsplit('/').next().unwrap_or_default().to_string();
+    let body = body.unwrap_or(Value::Null);
+    if body["apiVersion"] != "policy/v1" || body["kind"] != "Eviction" {
+        let message = format!("the body of an eviction must be a policy/v1 Eviction, got {body}");
+        return status(400, "BadRequest", &message, "", "");
+    }
+    if body["metadata"]["name"] != name.as_str() {
+        let message = "name in URL does not match name in Eviction object";
+        return status(400, "BadRequest", message, "pods", &name);
+    }
+    if !state.objects.contains_key(pod_path) {
+        return not_found("pods", &name);
+    }
+    if let Some(message) = state.eviction_refusals.get(pod_path) {
+        let mut reply = status(429, "TooManyRequests", message, "pods", &name);
+        if let Ok(v) = http::HeaderValue::from_str("10") {
+            reply.headers_mut().insert(http::header::RETRY_AFTER, v);
+        }
+        return reply;
+    }
+    state.delete(pod_path);
+    respond(
+        201,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
     )
 }
 

@@ -13,6 +13,8 @@
 //! podman on the shared containers-storage), [`pod`] the rules of which Pods can move and what
 //! their replacement looks like, and [`cluster`] the API-server side of a Pod migration
 //! (checks, the new Pod pinned with `nodeName`, waiting for it, letting the source go, rollback).
+//! [`drain`] drains a node by migration: target choice as the scheduler filters, cordon, the
+//! node's Pods migrated several at once, `--evict-rest`, and the watch mode for drain marks.
 
 pub mod archive;
 pub mod cluster;
@@ -20,6 +22,7 @@ pub mod control;
 pub mod crio;
 pub mod daemon;
 pub mod destination;
+pub mod drain;
 pub mod image;
 pub mod inspect;
 pub mod kubelet;
