@@ -50,12 +50,18 @@ pub struct DaemonArgs {
     kubelet: KubeletArgs,
 }
 
-/// A Kubernetes node's daemon: checkpoints through the kubelet.
+/// A Kubernetes node's daemon: checkpoints through the kubelet. `--kubelet` needs its CA and
+/// one kind of credentials; clap says so as bad usage (exit 2).
 #[derive(Debug, Args)]
+#[command(group(
+    clap::ArgGroup::new("kubelet_credentials")
+        .args(["kubelet_token_file", "kubelet_client_cert"])
+        .requires("kubelet")
+))]
 struct KubeletArgs {
     /// The kubelet's URL (e.g. https://10.0.0.5:10250): this node runs Kubernetes with CRI-O,
     /// and checkpoints are taken through the kubelet's checkpoint API, not podman.
-    #[arg(long)]
+    #[arg(long, requires_all = ["kubelet_ca", "kubelet_credentials"])]
     kubelet: Option<String>,
     /// CA of the kubelet's serving certificate (the cluster CA when kubelet serving
     /// certificates are signed by it, as with kubeadm's serverTLSBootstrap).
