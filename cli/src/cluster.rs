@@ -81,17 +81,14 @@ async fn drive(args: MigrateArgs, out: &Output) -> anyhow::Result<ExitCode> {
         eprintln!("warning: {warning}");
     }
 
-    let from_addr = daemon_addr(&plan.source_daemon, args.daemon_port)?;
-    let to_addr = daemon_addr(&plan.target_daemon, args.daemon_port)?;
     let endpoint = operator_endpoint(args.certs.as_deref())?;
-    let images = DaemonImages {
+    let mut images = DaemonImages::for_plan(
         endpoint,
-        from: (args.from.clone(), from_addr),
-        to: (args.to.clone(), to_addr),
-        precopy: args.precopy.0,
-        view: Mutex::new(View::new(out, args.json).for_pods()),
-        made: Mutex::new(Vec::new()),
-    };
+        &plan,
+        args.daemon_port,
+        View::new(out, args.json).for_pods(),
+    )?;
+    images.precopy = args.precopy.0;
     let options = cluster::MigrateOptions {
         migration_id: engine::migration::new_id(&args.name),
         now: now_rfc3339(),
@@ -249,7 +246,7 @@ pub(crate) fn operator_endpoint(
 
 /// A daemon's address: its Pod IP (the daemons use the host network, so it is the node's)
 /// and the port.
-pub(crate) fn daemon_addr(daemon: &DaemonPod, port: u16) -> anyhow::Result<SocketAddr> {
+fn daemon_addr(daemon: &DaemonPod, port: u16) -> anyhow::Result<SocketAddr> {
     let ip = daemon
         .ip
         .as_deref()
@@ -277,21 +274,22 @@ pub(crate) struct DaemonImages<'a> {
 }
 
 impl<'a> DaemonImages<'a> {
-    /// The images of one Pod's migration from node `from` to node `to` (name, daemon address).
-    pub(crate) fn new(
+    /// The images of `plan`'s migration, made by the daemons the preflight found on its two
+    /// nodes (reached on `port`); `view` shows their events.
+    pub(crate) fn for_plan(
         endpoint: quinn::Endpoint,
-        from: (String, SocketAddr),
-        to: (String, SocketAddr),
+        plan: &PodPlan,
+        port: u16,
         view: View<'a>,
-    ) -> Self {
-        DaemonImages {
+    ) -> anyhow::Result<Self> {
+        Ok(DaemonImages {
             endpoint,
-            from,
-            to,
+            from: (plan.from.clone(), daemon_addr(&plan.source_daemon, port)?),
+            to: (plan.to.clone(), daemon_addr(&plan.target_daemon, port)?),
             precopy: None,
             view: Mutex::new(view),
             made: Mutex::new(Vec::new()),
-        }
+        })
     }
 
     /// Sends `request` to the target node's daemon for every image made.

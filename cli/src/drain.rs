@@ -751,16 +751,15 @@ mod kubernetes {
 
     impl Images {
         fn for_plan(&self, plan: &PodPlan) -> PodImages {
-            let addrs = cluster::daemon_addr(&plan.source_daemon, self.port)
-                .and_then(|from| Ok((from, cluster::daemon_addr(&plan.target_daemon, self.port)?)));
-            match addrs {
-                Ok((from, to)) => {
-                    let images = Arc::new(DaemonImages::new(
-                        self.endpoint.clone(),
-                        (plan.from.clone(), from),
-                        (plan.to.clone(), to),
-                        View::new(&QUIET, false).for_pods(),
-                    ));
+            let images = DaemonImages::for_plan(
+                self.endpoint.clone(),
+                plan,
+                self.port,
+                View::new(&QUIET, false).for_pods(),
+            );
+            match images {
+                Ok(images) => {
+                    let images = Arc::new(images);
                     self.made
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
