@@ -30,6 +30,7 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use crate::drain_board::{Board, Show};
 use crate::nodes::{self, NodeAddr, Nodes};
 use crate::output::{bytes, Output};
 
@@ -217,10 +218,7 @@ async fn drain(
     to: NodeAddr,
     out: Output,
 ) -> anyhow::Result<ExitCode> {
-    let clock = Clock {
-        started: Instant::now(),
-        quiet: out.quiet || args.json,
-    };
+    let started = Instant::now();
     let endpoint = nodes.client(&from.name)?;
     let conn = crate::migrate::connect(&endpoint, &from.name, from.addr).await?;
     let list = list_containers(&conn, &from).await?;
@@ -228,21 +226,32 @@ async fn drain(
         .containers
         .into_iter()
         .partition(ListedContainer::movable);
-    clock.say(&format!(
-        "draining {}: {} running container(s), {} to move to {} (at most {} at once), {} \
+    let show = match (args.json, out.quiet) {
+        (true, _) => Show::Json,
+        (false, true) => Show::Nothing,
+        (false, false) => Show::People,
+    };
+    let board = Arc::new(Board::on_stderr(&from.name, &to.name, &movable, show));
+    let memory: Option<u64> = movable.iter().map(|c| c.memory_bytes).sum();
+    board.say(&format!(
+        "draining {}: {} running container(s), {} to move to {} (at most {} at once{}), {} \
          not movable; no cordon (Podman nodes have no scheduler)",
         from.name,
         movable.len() + staying.len(),
         movable.len(),
         to.name,
         args.concurrency,
+        memory.map_or(String::new(), |m| format!(
+            "; {} of memory in use to move",
+            bytes(m)
+        )),
         staying.len()
     ));
 
     let mut reports = Vec::new();
     for c in staying {
         let reason = c.not_movable.clone().unwrap_or_default();
-        clock.say(&format!("{}: not movable: {reason}", c.name));
+        board.say(&format!("{}: not movable: {reason}", c.name));
         let report = Report::new(&c, &from, &to, Outcome::NotMovable { reason });
         if args.json {
             out.json(&report);
@@ -253,26 +262,39 @@ async fn drain(
     let limit = Arc::new(Semaphore::new(usize::from(args.concurrency)));
     let mut running = JoinSet::new();
     for c in movable {
-        let (conn, limit) = (conn.clone(), limit.clone());
+        let (conn, limit, board) = (conn.clone(), limit.clone(), board.clone());
         let (from, to) = (from.clone(), to.clone());
         running.spawn(async move {
             let _permit = limit
                 .acquire_owned()
                 .await
                 .expect("the semaphore stays open");
-            migrate_one(&conn, c, &from, &to, clock).await
+            migrate_one(&conn, c, &from, &to, &board).await
         });
     }
-    while let Some(done) = running.join_next().await {
+    // The board's time left moves, and a pipe gets its status lines, between events too.
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let done = tokio::select! {
+            done = running.join_next() => done,
+            _ = ticks.tick() => {
+                board.tick();
+                continue;
+            }
+        };
+        let Some(done) = done else { break };
         let report = done.context("a migration task panicked")?;
         if args.json {
             out.json(&report);
         }
+        board.finished(&report.container, report.outcome == Outcome::Moved);
         reports.push(report);
     }
+    board.close();
     conn.close(0u32.into(), b"done");
 
-    let summary = DrainSummary::of(&reports, &from, &to, clock.started);
+    let summary = DrainSummary::of(&reports, &from, &to, started);
     if args.json {
         out.json(&summary);
     } else if reports.is_empty() {
@@ -330,7 +352,7 @@ async fn migrate_one(
     c: ListedContainer,
     from: &NodeAddr,
     to: &NodeAddr,
-    clock: Clock,
+    board: &Board,
 ) -> Report {
     let started = Instant::now();
     let request = MigrateRequest {
@@ -348,12 +370,11 @@ async fn migrate_one(
     let result = nodes::migrate_on(conn, request, &from.name, |event| match event {
         Event::Phase { phase, round, .. } => {
             last_phase = Some(*phase);
-            clock.say(&format!(
-                "{}: {}",
-                c.name,
-                describe(*phase, *round, from, to)
-            ));
+            let what = describe(*phase, *round, from, to);
+            board.say(&format!("{}: {what}", c.name));
+            board.phase(&c.name, *phase, *round, &what);
         }
+        Event::Progress { phase, done, total } => board.progress(&c.name, *phase, *done, *total),
         Event::Round { wire_bytes: w, .. } => wire_bytes += w,
         Event::Failed {
             phase,
@@ -375,7 +396,7 @@ async fn migrate_one(
     let seconds = started.elapsed().as_secs_f64();
     let mut report = match result {
         Ok(Some(s)) => {
-            clock.say(&format!(
+            board.say(&format!(
                 "{}: moved to {} in {:.1} s (downtime {:.1} s), {} over the wire",
                 c.name,
                 to.name,
@@ -416,7 +437,7 @@ async fn migrate_one(
     report.seconds = Some(seconds);
     report.wire_bytes = wire_bytes;
     // Failures are said in words even with --json and -q, as `migrate` does.
-    eprintln!("{}", report.failure_words());
+    board.error(&report.failure_words());
     report
 }
 
@@ -436,8 +457,8 @@ fn describe(phase: Phase, round: Option<u32>, from: &NodeAddr, to: &NodeAddr) ->
     }
 }
 
-/// Progress lines on stderr, stamped with the seconds since the drain started; silent with
-/// `-q` and `--json`.
+/// The Kubernetes drain's progress lines on stderr, stamped with the seconds since the drain
+/// started; silent with `-q` and `--json`. (The Podman drain shows a [`Board`].)
 #[derive(Debug, Clone, Copy)]
 struct Clock {
     started: Instant,
@@ -1168,6 +1189,7 @@ mod tests {
             id: "abc".into(),
             image: "img".into(),
             not_movable: None,
+            memory_bytes: None,
         }
     }
 

@@ -11,12 +11,15 @@ mod cluster;
 mod completions;
 mod daemon;
 mod drain;
+mod drain_board;
 mod inspect;
 mod lab;
 mod migrate;
 mod nodes;
 mod output;
 mod progress;
+#[cfg(test)]
+mod testing;
 mod transfer;
 
 use std::ffi::OsString;

@@ -47,6 +47,23 @@ pub(crate) struct Sinks {
     pub(crate) terminal: Option<Box<dyn Fn() -> ProgressDrawTarget + Send>>,
 }
 
+impl Sinks {
+    /// This process's stdout and stderr, with live lines when stderr is a terminal and logs
+    /// stay at warnings (log lines would tear a redrawn line).
+    pub(crate) fn standard() -> Self {
+        let verbose = tracing::level_filters::LevelFilter::current()
+            >= tracing::level_filters::LevelFilter::INFO;
+        let terminal = std::io::stderr().is_terminal() && !verbose;
+        Sinks {
+            out: Box::new(std::io::stdout()),
+            err: Box::new(std::io::stderr()),
+            terminal: terminal.then(|| {
+                Box::new(ProgressDrawTarget::stderr) as Box<dyn Fn() -> ProgressDrawTarget + Send>
+            }),
+        }
+    }
+}
+
 /// The labels of finished phases are padded to this width, so their durations line up.
 const LABEL_WIDTH: usize = 18;
 /// Plain mode: at most one progress line this often, when it has moved 10 % further.
@@ -96,16 +113,8 @@ impl<'a> View<'a> {
     /// A view on this process's stdout and stderr: live lines when stderr is a terminal
     /// and logs stay at warnings, plain lines otherwise.
     pub(crate) fn new(out: &'a Output, json: bool) -> Self {
-        let verbose = tracing::level_filters::LevelFilter::current()
-            >= tracing::level_filters::LevelFilter::INFO;
-        let terminal = std::io::stderr().is_terminal() && !verbose;
-        let sinks = Sinks {
-            out: Box::new(std::io::stdout()),
-            err: Box::new(std::io::stderr()),
-            terminal: terminal.then(|| {
-                Box::new(ProgressDrawTarget::stderr) as Box<dyn Fn() -> ProgressDrawTarget + Send>
-            }),
-        };
+        let sinks = Sinks::standard();
+        let terminal = sinks.terminal.is_some();
         let mut view = Self::with(out, json, sinks, Arc::new(SystemClock));
         view.steady_tick = terminal;
         view
@@ -351,7 +360,7 @@ impl<'a> View<'a> {
 }
 
 /// What a phase's lines are called.
-fn phase_label(phase: Phase, round: Option<u32>) -> String {
+pub(crate) fn phase_label(phase: Phase, round: Option<u32>) -> String {
     match (phase, round) {
         (Phase::Precopy, Some(r)) => format!("pre-copy round {r}"),
         (Phase::Precopy, None) => "pre-copy".into(),
@@ -424,7 +433,7 @@ fn transfer_text(t: &Transfer, now: Instant, compact: bool) -> String {
 }
 
 /// `4 s`, `2 min 5 s`.
-fn duration(secs: f64) -> String {
+pub(crate) fn duration(secs: f64) -> String {
     let s = secs.ceil() as u64;
     if s < 60 {
         format!("{s} s")
@@ -538,12 +547,10 @@ fn failure_lines(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
-    use indicatif::TermLike;
     use serde_json::Value;
 
     use super::*;
+    use crate::testing::{Buffer, FakeClock, FakeTerm};
 
     /// A recorded `migrate kv --from node1 --to node2 --precopy 1 --json` in the lab (redis
     /// holding 150 000 random values, the link slowed to 200 Mbit/s), each line the event
@@ -552,185 +559,6 @@ mod tests {
     /// The same container migrated back with `--precopy 0` while the destination's work
     /// folder had room for a fifth of the checkpoint: the transfer fails and rolls back.
     const FAILURE: &str = include_str!("../tests/fixtures/migration-failed-events.jsonl");
-
-    /// A clock the test sets.
-    struct FakeClock {
-        base: Instant,
-        at: Mutex<Duration>,
-    }
-
-    impl FakeClock {
-        fn new() -> Arc<Self> {
-            Arc::new(Self {
-                base: Instant::now(),
-                at: Mutex::new(Duration::ZERO),
-            })
-        }
-
-        fn set(&self, secs: f64) {
-            *self.at.lock().unwrap() = Duration::from_secs_f64(secs);
-        }
-    }
-
-    impl Clock for FakeClock {
-        fn now(&self) -> Instant {
-            self.base + *self.at.lock().unwrap()
-        }
-    }
-
-    /// A writer whose bytes the test reads afterwards.
-    #[derive(Clone, Default)]
-    struct Buffer(Arc<Mutex<Vec<u8>>>);
-
-    impl Buffer {
-        fn text(&self) -> String {
-            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
-        }
-    }
-
-    impl Write for Buffer {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    /// A terminal as a grid of characters with a cursor, as far as indicatif and plain
-    /// writes move it: what a person would see at each moment.
-    #[derive(Debug, Default)]
-    struct Grid {
-        rows: Vec<Vec<char>>,
-        row: usize,
-        col: usize,
-    }
-
-    const WIDTH: usize = 120;
-
-    impl Grid {
-        fn put(&mut self, s: &str) {
-            for c in s.chars() {
-                match c {
-                    '\n' => {
-                        self.row += 1;
-                        self.col = 0;
-                    }
-                    '\r' => self.col = 0,
-                    c => {
-                        if self.col >= WIDTH {
-                            self.row += 1;
-                            self.col = 0;
-                        }
-                        self.cell(c);
-                        self.col += 1;
-                    }
-                }
-            }
-        }
-
-        fn cell(&mut self, c: char) {
-            while self.rows.len() <= self.row {
-                self.rows.push(Vec::new());
-            }
-            let line = &mut self.rows[self.row];
-            while line.len() <= self.col {
-                line.push(' ');
-            }
-            line[self.col] = c;
-        }
-
-        /// The screen's lines, trailing blanks cut, empty lines at the end dropped.
-        fn lines(&self) -> Vec<String> {
-            let mut lines: Vec<String> = self
-                .rows
-                .iter()
-                .map(|r| r.iter().collect::<String>().trim_end().to_string())
-                .collect();
-            while lines.last().is_some_and(|l| l.is_empty()) {
-                lines.pop();
-            }
-            lines
-        }
-    }
-
-    /// Writes (both stdout and stderr) and indicatif's drawing, on one [`Grid`].
-    #[derive(Debug, Clone, Default)]
-    struct FakeTerm(Arc<Mutex<Grid>>);
-
-    impl FakeTerm {
-        fn lines(&self) -> Vec<String> {
-            self.0.lock().unwrap().lines()
-        }
-    }
-
-    impl TermLike for FakeTerm {
-        fn width(&self) -> u16 {
-            WIDTH as u16
-        }
-
-        fn move_cursor_up(&self, n: usize) -> std::io::Result<()> {
-            let mut g = self.0.lock().unwrap();
-            g.row = g.row.saturating_sub(n);
-            Ok(())
-        }
-
-        fn move_cursor_down(&self, n: usize) -> std::io::Result<()> {
-            self.0.lock().unwrap().row += n;
-            Ok(())
-        }
-
-        fn move_cursor_right(&self, n: usize) -> std::io::Result<()> {
-            self.0.lock().unwrap().col += n;
-            Ok(())
-        }
-
-        fn move_cursor_left(&self, n: usize) -> std::io::Result<()> {
-            let mut g = self.0.lock().unwrap();
-            g.col = g.col.saturating_sub(n);
-            Ok(())
-        }
-
-        fn write_line(&self, s: &str) -> std::io::Result<()> {
-            self.0.lock().unwrap().put(&format!("{s}\n"));
-            Ok(())
-        }
-
-        fn write_str(&self, s: &str) -> std::io::Result<()> {
-            self.0.lock().unwrap().put(s);
-            Ok(())
-        }
-
-        fn clear_line(&self) -> std::io::Result<()> {
-            let mut g = self.0.lock().unwrap();
-            let row = g.row;
-            if let Some(line) = g.rows.get_mut(row) {
-                line.clear();
-            }
-            g.col = 0;
-            Ok(())
-        }
-
-        fn flush(&self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl Write for FakeTerm {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0
-                .lock()
-                .unwrap()
-                .put(std::str::from_utf8(buf).unwrap());
-            Ok(buf.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     /// The events of a fixture with the second each arrived.
     fn recorded(fixture: &str) -> Vec<(f64, Event)> {

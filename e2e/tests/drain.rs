@@ -5,7 +5,8 @@
 //!    container with a bind mount of a host folder. `migrate drain a --to b --json` moves the
 //!    three with their state (the counters go on above their pre-drain values on b, the file
 //!    is served from b), reports the fourth as not movable with its reason, and exits 1; a
-//!    keeps nothing of the three, and the fourth still runs there.
+//!    keeps nothing of the three, and the fourth still runs there. Its JSON progress objects
+//!    count the moved containers up to all three.
 //! 2. `migrate drain a` (no `--to`: the lab's other node) on a node where nothing runs says
 //!    so and exits 0, leaving a container that exists there without running, and b's own
 //!    container, alone.
@@ -143,7 +144,23 @@ fn drain_moves_what_can_move_and_reports_the_rest() {
         (&4.into(), &3.into(), &1.into(), &0.into(), &false.into()),
         "{summary}"
     );
-    assert_eq!(events.len(), 5, "four outcomes and a summary: {events:?}");
+    let (progress, outcomes): (Vec<&Value>, Vec<&Value>) =
+        events.iter().partition(|e| e["event"] == "progress");
+    assert_eq!(outcomes.len(), 5, "four outcomes and a summary: {events:?}");
+    // The drain's progress: one status at least as each of the three finished, the moved
+    // count never going back, the last one all done.
+    assert!(progress.len() >= 3, "{progress:?}");
+    let moved: Vec<u64> = progress
+        .iter()
+        .map(|p| p["moved"].as_u64().unwrap())
+        .collect();
+    assert!(moved.windows(2).all(|w| w[0] <= w[1]), "{moved:?}");
+    let last = progress.last().unwrap();
+    assert_eq!(
+        (&last["containers"], &last["moved"], &last["done_fraction"]),
+        (&3.into(), &3.into(), &1.0.into()),
+        "{last}"
+    );
 
     // State intact on b: the counters go on from where they were, the page is served.
     for (name, before) in [("count-one", before_one), ("count-two", before_two)] {

@@ -465,12 +465,14 @@ mod tests {
                     id: "abc".into(),
                     image: "localhost/lab/nginx:latest".into(),
                     not_movable: None,
+                    memory_bytes: Some(2_482_176),
                 },
                 ListedContainer {
                     name: "db".into(),
                     id: "def".into(),
                     image: "i".into(),
                     not_movable: Some("bind mount of host path /srv".into()),
+                    memory_bytes: None,
                 },
             ],
         };

@@ -37,6 +37,7 @@
 //! tests stays a plain struct. Paths are as the runtime sees them: in the lab that is inside
 //! the node (e.g. a `/shared` bind mount), not the caller's filesystem.
 
+use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -97,6 +98,10 @@ pub struct ListedContainer {
     /// Why a drain leaves it here (every reason, joined by `; `); `None` when it may move.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_movable: Option<String>,
+    /// The memory it uses now (its cgroup's, as `podman stats` reports it): about what its
+    /// checkpoint will hold, for estimating how long a drain takes. `None` when unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
 }
 
 impl ListedContainer {
@@ -498,15 +503,43 @@ impl Runtime for Podman {
                     name: c.name,
                     id: c.id,
                     image: c.image_name,
+                    memory_bytes: None,
                 }
             })
             .collect();
+        // Only an estimate: a drain goes on without it when podman cannot say.
+        let ids: Vec<&str> = listed.iter().map(|c| c.id.as_str()).collect();
+        if let Ok(usage) = self.memory_usage(&ids) {
+            for c in &mut listed {
+                c.memory_bytes = usage.get(&c.id).copied();
+            }
+        }
         listed.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(listed)
     }
 }
 
 impl Podman {
+    /// The memory each of `ids` uses, by full ID: `podman stats --no-stream` (one JSON object
+    /// per container; its `MemUsage` is the cgroup's usage in bytes).
+    fn memory_usage(&self, ids: &[&str]) -> Result<HashMap<String, u64>, RuntimeError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut args: Vec<&OsStr> = [
+            "stats",
+            "--no-stream",
+            "--no-reset",
+            "--format",
+            "{{json .}}",
+        ]
+        .map(OsStr::new)
+        .to_vec();
+        args.extend(ids.iter().map(OsStr::new));
+        let stdout = self.run(&args, Subject::None)?;
+        Ok(parse_memory_usage(&stdout))
+    }
+
     /// One field of `podman container inspect --format FORMAT CONTAINER`, parsed from its
     /// trimmed output by `parse`; `what` names the expected value when it does not parse.
     fn inspect<T>(
@@ -720,6 +753,23 @@ struct InspectedConfig {
     labels: Option<std::collections::BTreeMap<String, String>>,
 }
 
+/// `podman stats --format '{{json .}}'` output: one object per container. Objects that do
+/// not parse, or lack the ID or the usage, are left out.
+fn parse_memory_usage(stdout: &str) -> HashMap<String, u64> {
+    #[derive(Deserialize)]
+    struct Stats {
+        #[serde(rename = "ContainerID")]
+        id: String,
+        #[serde(rename = "MemUsage")]
+        mem_usage: u64,
+    }
+    serde_json::Deserializer::from_str(stdout)
+        .into_iter::<Stats>()
+        .map_while(Result::ok)
+        .map(|s| (s.id, s.mem_usage))
+        .collect()
+}
+
 /// Why a drain must leave `c` on its node (the rules in this module's documentation); empty
 /// when it may move.
 fn refusals(c: &InspectedContainer) -> Vec<String> {
@@ -812,6 +862,19 @@ fn parse_stats(stdout: &str) -> Option<(String, CheckpointStats)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_usage_is_read_from_podman_stats_json() {
+        // As podman 5.4 prints it, one object per container.
+        let out = r#"{"AvgCPU":1.1,"ContainerID":"1740","Name":"web","MemUsage":2482176,"MemLimit":25276502016,"PIDs":3}
+{"AvgCPU":0.5,"ContainerID":"bf6a","Name":"c1","MemUsage":122880,"PIDs":2}
+"#;
+        let usage = super::parse_memory_usage(out);
+        assert_eq!(usage.len(), 2);
+        assert_eq!(usage["1740"], 2_482_176);
+        assert_eq!(usage["bf6a"], 122_880);
+        assert!(super::parse_memory_usage("Error: no such container").is_empty());
+    }
 
     /// A "podman" that is a shell script: the prefix runs `sh -c SCRIPT` and the podman
     /// arguments land in `$@`.
