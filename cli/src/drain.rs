@@ -886,20 +886,43 @@ mod kubernetes {
         let mut watcher = Watcher::new(opts);
         let mut tick = tokio::time::interval(Duration::from_secs(args.interval));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One listener for the whole watch: once tokio handles SIGINT, a Ctrl-C that comes
+        // while no listener exists is lost, and one during a pass (a pass is not cut short:
+        // its migrations would not roll back) would be. It ends the watch after the pass.
+        let ctrl_c = tokio::signal::ctrl_c();
+        tokio::pin!(ctrl_c);
         loop {
             tokio::select! {
+                biased;
+                _ = &mut ctrl_c => return Ok(ExitCode::SUCCESS),
                 _ = tick.tick() => {}
-                _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
             }
+            // When each node's drain began: its report's seconds count from there, not from
+            // the start of the watch.
+            let began: Mutex<BTreeMap<String, Instant>> = Mutex::new(BTreeMap::new());
             let pass = watcher
-                .watch_once(client, |p| images.for_plan(p), |e| say_watch(clock, &e))
+                .watch_once(
+                    client,
+                    |p| images.for_plan(p),
+                    |e| {
+                        if let WatchEvent::Draining { node, .. } = &e {
+                            began
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(node.clone(), Instant::now());
+                        }
+                        say_watch(clock, &e)
+                    },
+                )
                 .await;
             images.finish().await;
+            let began = began.into_inner().unwrap_or_else(|e| e.into_inner());
             match pass {
                 Ok(outcomes) => {
                     for o in outcomes {
                         if let Ok(report) = &o.report {
-                            print_report(report, args, out, clock.started);
+                            let started = began.get(&o.node).copied().unwrap_or(clock.started);
+                            print_report(report, args, out, started);
                         }
                     }
                 }

@@ -138,6 +138,12 @@ impl Lab {
         let n = self.state.nodes.iter().find(|n| n.name == node).unwrap();
         n.address.to_string()
     }
+
+    /// The name of `node`'s network namespace (in /run/netns).
+    pub fn netns(&self, node: &str) -> String {
+        let n = self.state.nodes.iter().find(|n| n.name == node).unwrap();
+        n.netns.clone()
+    }
 }
 
 impl Drop for Lab {

@@ -1,8 +1,10 @@
-//! Helpers the end-to-end tests in `tests/` share: [`wait_for`], and HTTP fakes of the two
-//! Kubernetes parts that cannot run on this machine, the API server ([`fake_apiserver`]) and
-//! the kubelet's checkpoint endpoint ([`fake_kubelet`]).
+//! Helpers the end-to-end tests in `tests/` share: [`wait_for`], the lab ([`lab`]), HTTP fakes
+//! of the two Kubernetes parts that cannot run on this machine, the API server
+//! ([`fake_apiserver`]) and the kubelet's checkpoint endpoint ([`fake_kubelet`]), and both in
+//! front of lab nodes as one process ([`fake_cluster`]).
 
 pub mod fake_apiserver;
+pub mod fake_cluster;
 pub mod fake_kubelet;
 pub mod lab;
 

@@ -8,99 +8,14 @@
 //! container from the very image the Pod names, as a CRI-O node would. Root and the lab root
 //! are required; without them the test fails saying so.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::io::Write;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use e2e::fake_cluster::FakeCluster;
 use e2e::lab::{count, migrate_binary, start_counter, Lab};
 use e2e::wait_for;
-use engine::lab;
-use serde_json::{json, Value};
-
-/// The fake cluster process, stopped (and its report read) by [`FakeCluster::finish`].
-struct FakeCluster {
-    child: Child,
-    dir: std::path::PathBuf,
-}
-
-impl FakeCluster {
-    /// Starts fake-cluster in `node`'s network namespace; returns it and the kubelet URL.
-    fn start(lab: &Lab, node: &str, target: &str) -> (FakeCluster, String) {
-        let shared = lab.opts.state_dir.join("shared");
-        let dir = shared.join("fake-cluster");
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = json!({
-            "dir": dir,
-            "dir_in_node": "/shared/fake-cluster",
-            "migrate": migrate_binary(),
-            "lab_dir": lab.opts.state_dir,
-            "lab_prefix": lab.opts.prefix,
-            "source": node,
-            "source_ip": lab.address(node),
-            "target": target,
-            "target_ip": lab.address(target),
-            "namespace": "default",
-            "pod": "counter",
-            "container": "counter",
-            "image": lab::BUSYBOX_IMAGE,
-        });
-        let config_path = dir.join("config.json");
-        std::fs::write(&config_path, config.to_string()).unwrap();
-        let netns = &lab
-            .state
-            .nodes
-            .iter()
-            .find(|n| n.name == node)
-            .unwrap()
-            .netns;
-        // nsenter, not `ip netns exec`: only the network changes, and /sys stays the host's
-        // (the `migrate lab exec` it runs needs the host's cgroup tree).
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{netns}"))
-            .arg(env!("CARGO_BIN_EXE_fake-cluster"))
-            .arg(&config_path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("starting fake-cluster");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let url = loop {
-            let line = rx
-                .recv_timeout(Duration::from_secs(30))
-                .expect("fake-cluster did not print READY within 30 s");
-            if let Some(url) = line.strip_prefix("READY ") {
-                break url.to_string();
-            }
-        };
-        (FakeCluster { child, dir }, url)
-    }
-
-    /// Closes its stdin, waits for it to write its report, and returns the report.
-    fn finish(mut self) -> Value {
-        drop(self.child.stdin.take());
-        let status = wait_for("fake-cluster to exit", Duration::from_secs(30), || {
-            self.child.try_wait().unwrap()
-        });
-        assert!(status.success(), "fake-cluster failed: {status}");
-        let text = std::fs::read_to_string(self.dir.join("report.json")).unwrap();
-        serde_json::from_str(&text).unwrap()
-    }
-}
-
-impl Drop for FakeCluster {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use serde_json::Value;
 
 #[test]
 fn pod_moves_through_the_kubelet_and_a_checkpoint_image() {
@@ -111,32 +26,16 @@ fn pod_moves_through_the_kubelet_and_a_checkpoint_image() {
         count(&lab, &a).filter(|&c| c > 20)
     });
 
-    let (cluster, kubelet_url) = FakeCluster::start(&lab, &a, &b);
+    let cluster = FakeCluster::start(env!("CARGO_BIN_EXE_fake-cluster"), &lab, &a, &b, false);
     // The source node's daemon becomes a Kubernetes node's daemon.
-    lab::kill_daemon(&a, &lab.opts).unwrap();
-    lab::start_daemon_with(
-        &a,
-        &lab.opts,
-        &[
-            "--kubelet",
-            &kubelet_url,
-            "--kubelet-ca",
-            "/shared/fake-cluster/kubelet-ca.pem",
-            "--kubelet-token-file",
-            "/shared/fake-cluster/token",
-            "--kubelet-checkpoints",
-            "/shared/fake-cluster/checkpoints",
-        ],
-    )
-    .unwrap();
+    cluster.kubernetes_daemon(&lab, &a);
 
-    let netns = &lab.state.nodes.iter().find(|n| n.name == a).unwrap().netns;
     let out = Command::new("ip")
-        .args(["netns", "exec", netns])
+        .args(["netns", "exec", &lab.netns(&a)])
         .arg(migrate_binary())
         .args(["counter", "--from", &a, "--to", &b, "-n", "default"])
         .arg("--kubeconfig")
-        .arg(cluster.dir.join("kubeconfig"))
+        .arg(cluster.kubeconfig())
         .arg("--certs")
         .arg(lab.state.operator_certs())
         .args(["--ready-timeout", "60"])

@@ -694,7 +694,15 @@ fn api_error(verb: &'static str, resource: &str, what: String, err: kube::Error)
                 _ => String::new(),
             },
         ),
-        other => (other.to_string(), String::new()),
+        // kube's own words for these are the outermost only ("ServiceError: client error
+        // (Connect)"): the causes say what went wrong (refused, no route, a certificate).
+        other @ (kube::Error::Service(_) | kube::Error::HyperError(_)) => (
+            with_causes(other),
+            "; is the API server of your kubeconfig reachable from here? (check with \
+             `kubectl cluster-info`)"
+                .into(),
+        ),
+        other => (with_causes(other), String::new()),
     };
     DrainError::Api {
         verb,
@@ -702,6 +710,20 @@ fn api_error(verb: &'static str, resource: &str, what: String, err: kube::Error)
         detail,
         hint,
     }
+}
+
+/// `err` and its causes, `: `-separated, each said once.
+fn with_causes(err: &kube::Error) -> String {
+    let mut words = err.to_string();
+    let mut cause = std::error::Error::source(err);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !words.contains(&text) {
+            words = format!("{words}: {text}");
+        }
+        cause = c.source();
+    }
+    words
 }
 
 fn pod_id(pod: &Pod) -> String {
@@ -913,12 +935,13 @@ where
             let eviction = match &report.result {
                 PodResult::Moved { .. } | PodResult::Skipped { .. } => continue,
                 PodResult::NotMovable {
-                    node_bound: true,
-                    reason,
+                    node_bound: true, ..
                 } => Eviction::Skipped {
-                    reason: format!(
-                        "left on the node, as `kubectl drain --ignore-daemonsets` does: {reason}"
-                    ),
+                    // Why it stays is the Pod's result already; said again, a table row would
+                    // carry it twice.
+                    reason: "a DaemonSet or static Pod: left on the node, as `kubectl drain \
+                             --ignore-daemonsets` leaves it"
+                        .into(),
                 },
                 _ => {
                     let pending = evict(client, &report.namespace, &report.name);

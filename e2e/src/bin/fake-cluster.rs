@@ -1,6 +1,6 @@
 //! `fake-cluster CONFIG.json`: the Kubernetes parts that cannot run on this machine, in front
-//! of real lab nodes, for tests/kubernetes.rs. Run inside the source node's network namespace
-//! (`ip netns exec`), it serves
+//! of real lab nodes, for tests/kubernetes.rs and tests/cli_drain_kubernetes.rs. Run inside
+//! the source node's network namespace (`ip netns exec`), it serves
 //! - a fake kubelet (HTTPS, bearer token) whose checkpoint endpoint has real CRIU checkpoint
 //!   the container in the source lab node (`podman container checkpoint --leave-running
 //!   --export`, as CRI-O does for the kubelet) into the checkpoints folder it reports;
@@ -12,6 +12,12 @@
 //! It writes the kubelet's CA, the token and a kubeconfig into the configured folder, prints
 //! `READY <kubelet URL>`, and runs until its standard input closes; then it writes
 //! `report.json` (the requests both fakes saw, and the Pods left) and exits.
+//!
+//! Meanwhile each line on its standard input may be a command to the fake API server, answered
+//! on one line of standard output (tests/cli_drain_kubernetes.rs marks nodes with them; other
+//! lines are ignored): `SEED <object JSON>` stores (or replaces) an object, `SEEDED <path>`;
+//! `GET <path>` reads one, `OBJECT <JSON or null>`; `PODS <namespace>` names the Pods there,
+//! `PODS <JSON array>`.
 
 use std::io::{BufRead, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -49,6 +55,10 @@ struct Config {
     pod: String,
     container: String,
     image: String,
+    /// The daemon Pods belong to a DaemonSet, as in a real cluster (a drain leaves them on
+    /// their node); by default they are bare Pods.
+    #[serde(default)]
+    daemon_set: bool,
 }
 
 fn main() {
@@ -116,24 +126,21 @@ async fn serve(config: Arc<Config>) {
     seed(&api, &config);
     let c = config.clone();
     api.on_pod_create_run(Arc::new(move |pod: &Value| {
-        // The target's kubelet and CRI-O: restore from the checkpoint image the Pod names.
+        // The target's kubelet and CRI-O: restore from the checkpoint image the Pod names, as
+        // the container the Pod names (the configured one for the configured Pod).
         let Some(image) = pod["spec"]["containers"][0]["image"].as_str() else {
             return Err("the Pod names no image".to_string());
         };
+        let container = pod["spec"]["containers"][0]["name"]
+            .as_str()
+            .unwrap_or(&c.container);
         if pod["spec"]["nodeName"] != c.target.as_str() {
             return Err(format!("the Pod is not pinned to {}", c.target));
         }
         lab_exec(
             &c,
             &c.target,
-            &[
-                "podman",
-                "container",
-                "restore",
-                "--name",
-                &c.container,
-                image,
-            ],
+            &["podman", "container", "restore", "--name", container, image],
         )
         .map(drop)
     }));
@@ -154,12 +161,18 @@ async fn serve(config: Arc<Config>) {
     println!("READY {}", kubelet.url());
     std::io::stdout().flush().expect("stdout");
 
-    // Until the test closes our stdin.
-    tokio::task::spawn_blocking(|| {
+    // Until the test closes our stdin, answering its commands.
+    let api = Arc::new(api);
+    let commands = api.clone();
+    tokio::task::spawn_blocking(move || {
         let stdin = std::io::stdin();
         for line in stdin.lock().lines() {
-            if line.is_err() {
+            let Ok(line) = line else {
                 break;
+            };
+            if let Some(answer) = command(&commands, &line) {
+                println!("{answer}");
+                let _ = std::io::stdout().flush();
             }
         }
     })
@@ -186,6 +199,20 @@ async fn serve(config: Arc<Config>) {
     );
 }
 
+/// The answer to a command line of the test (`SEED`, `GET`, `PODS`), if it is one.
+fn command(api: &FakeApiServer, line: &str) -> Option<String> {
+    let (verb, rest) = line.split_once(' ')?;
+    Some(match verb {
+        "SEED" => match serde_json::from_str::<Value>(rest) {
+            Ok(obj) => format!("SEEDED {}", api.seed(obj)),
+            Err(e) => format!("ERROR not JSON: {e}"),
+        },
+        "GET" => format!("OBJECT {}", api.object(rest.trim()).unwrap_or(Value::Null)),
+        "PODS" => format!("PODS {}", json!(api.pod_names(rest.trim()))),
+        _ => return None,
+    })
+}
+
 /// The Nodes, the daemon Pods and the source Pod.
 fn seed(api: &FakeApiServer, c: &Config) {
     for (name, ip) in [(&c.source, &c.source_ip), (&c.target, &c.target_ip)] {
@@ -197,7 +224,7 @@ fn seed(api: &FakeApiServer, c: &Config) {
                 "conditions": [{"type": "Ready", "status": "True"}],
             },
         }));
-        api.seed(json!({
+        let mut daemon = json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": format!("migrate-daemon-{name}"), "namespace": "migrate",
                          "labels": {"app.kubernetes.io/name": "migrate-daemon"}},
@@ -205,7 +232,13 @@ fn seed(api: &FakeApiServer, c: &Config) {
                      "containers": [{"name": "daemon", "image": "localhost/migrate/daemon:dev"}]},
             "status": {"phase": "Running", "podIP": ip, "hostIP": ip,
                        "conditions": [{"type": "Ready", "status": "True"}]},
-        }));
+        });
+        if c.daemon_set {
+            daemon["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1",
+                "kind": "DaemonSet", "name": "migrate-daemon", "uid": "migrate-daemon-uid",
+                "controller": true}]);
+        }
+        api.seed(daemon);
     }
     api.seed(json!({
         "apiVersion": "v1", "kind": "Pod",
