@@ -577,40 +577,26 @@ fn bad_kubeconfigs_unknown_nodes_and_bad_usage_say_what_to_check() {
 
     // A kubeconfig that does not exist, or is not one.
     let missing = fake.dir.path().join("nowhere/kubeconfig");
-    let run = Run::of(
-        "migrate drain node-a --kubeconfig MISSING",
-        fake.command(&["drain", "node-a", "--certs"])
-            .arg(fake.certs())
-            .arg("--kubeconfig")
-            .arg(&missing)
-            .output()
-            .unwrap(),
-    );
-    assert_eq!(run.code, 1);
-    assert!(
-        run.stderr
-            .contains(&format!("reading the kubeconfig {}", missing.display())),
-        "{}",
-        run.stderr
-    );
     let garbage = fake.dir.path().join("garbage");
     std::fs::write(&garbage, "clusters: [this is not a kubeconfig").unwrap();
-    let run = Run::of(
-        "migrate drain node-a --kubeconfig GARBAGE",
-        fake.command(&["drain", "node-a", "--certs"])
-            .arg(fake.certs())
-            .arg("--kubeconfig")
-            .arg(&garbage)
-            .output()
-            .unwrap(),
-    );
-    assert_eq!(run.code, 1);
-    assert!(
-        run.stderr
-            .contains(&format!("reading the kubeconfig {}", garbage.display())),
-        "{}",
-        run.stderr
-    );
+    for (label, kubeconfig) in [("MISSING", &missing), ("GARBAGE", &garbage)] {
+        let run = Run::of(
+            &format!("migrate drain node-a --kubeconfig {label}"),
+            fake.command(&["drain", "node-a", "--certs"])
+                .arg(fake.certs())
+                .arg("--kubeconfig")
+                .arg(kubeconfig)
+                .output()
+                .unwrap(),
+        );
+        assert_eq!(run.code, 1);
+        assert!(
+            run.stderr
+                .contains(&format!("reading the kubeconfig {}", kubeconfig.display())),
+            "{}",
+            run.stderr
+        );
+    }
 
     // An API server nobody answers at.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
