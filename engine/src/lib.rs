@@ -6,7 +6,8 @@
 //! is-running, cleanup), with its Podman CLI implementation, and [`lab`] brings up, inspects and
 //! tears down the local lab of nodes (`migrate lab`). [`daemon`] is the node daemon: it speaks
 //! [`control`] with the CLI and other daemons, runs the source side of a migration
-//! ([`migration`]) and the destination side ([`destination`]).
+//! ([`migration`]) and the destination side ([`destination`]). [`restart`] makes a checkpoint's
+//! sleeps that CRIU interrupted restart when restored, instead of failing with `EINTR`.
 //!
 //! On Kubernetes: [`kubelet`] is the client of the kubelet's checkpoint API, [`crio`] the
 //! runtime seam of a CRI-O node built on it (checkpoints through the kubelet, images through
@@ -29,4 +30,5 @@ pub mod kubelet;
 pub mod lab;
 pub mod migration;
 pub mod pod;
+pub mod restart;
 pub mod runtime;

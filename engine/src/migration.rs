@@ -7,6 +7,14 @@
 //! restored in place from its own archive. The source container is removed only after the
 //! destination confirmed that its copy runs. Logs carry the `migration_id` span set by the
 //! daemon.
+//!
+//! Every checkpoint goes through [`restart::rewind_archive`]: CRIU hands a task it interrupted
+//! in a sleep `EINTR` (see [`crate::restart`]), also the task it leaves running after a
+//! pre-copy checkpoint, and a program that does not retry (busybox `sleep` as PID 1) exits
+//! there. When the container stopped right after a pre-copy checkpoint that interrupted one,
+//! that checkpoint, taken before it stopped, becomes the final one: the container is stopped
+//! already, as the final checkpoint would leave it, and restores from it with its sleeps
+//! restarted.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -26,6 +34,7 @@ use crate::control::{
     TransferHello, BASE_IMAGE_ROUND, KNOWS_CONTAINER,
 };
 use crate::daemon::Node;
+use crate::restart::{self, Rewound};
 use crate::runtime::RuntimeError;
 
 /// How long to wait for the destination daemon's QUIC handshake.
@@ -85,11 +94,15 @@ pub async fn run(node: Arc<Node>, id: String, req: MigrateRequest, events: mpsc:
         }
         Err(f) => {
             warn!(phase = %f.phase, error = %f.message, "migration failed; rolling back");
-            let (rolled_back, destination_clean) = m.rollback().await;
+            let (rolled_back, destination_clean, note) = m.rollback().await;
+            let message = match note {
+                Some(note) => format!("{}; rollback: {note}", f.message),
+                None => f.message,
+            };
             m.emit(Event::Failed {
                 migration_id: m.id.clone(),
                 phase: f.phase,
-                message: f.message,
+                message,
                 rolled_back,
                 destination_clean,
             })
@@ -110,7 +123,8 @@ struct Migration {
     phase_started: Instant,
     /// The control connection to the destination daemon, once made.
     dest: Option<quinn::Connection>,
-    /// Whether the final checkpoint stopped the source container.
+    /// Whether the final checkpoint stopped the source container (or a pre-copy checkpoint
+    /// did, and became the final one).
     stopped: bool,
     /// The final checkpoint archive.
     archive: Option<PathBuf>,
@@ -216,25 +230,46 @@ impl Migration {
                 1
             },
         );
+        let mut precopy_done = 0;
+        let mut ended_at = None;
         for round in 1..=precopy {
             self.enter(Phase::Precopy, Some(round)).await;
             let started = Instant::now();
             let path = dir.join(format!("precopy-{round}.tar"));
-            self.checkpoint(&path, true).await?;
+            let rewound = self.checkpoint(&path, true).await?;
+            if !self.req.image_only && rewound.interrupted_any() && !self.still_runs().await? {
+                // CRIU's resume ended it; this checkpoint is its last state.
+                self.ended_by_precopy(round, &path, &rewound)?;
+                ended_at = Some(started);
+                break;
+            }
             let sent = self.send(round, &path).await;
             let _ = std::fs::remove_file(&path);
             let report = sent?;
             self.round_done(round, &report, started).await;
+            precopy_done = round;
         }
 
         // The final checkpoint: the container freezes and stops here (on Kubernetes it keeps
-        // running until its Pod is replaced).
+        // running until its Pod is replaced). Unless a pre-copy checkpoint stopped it already.
         self.enter(Phase::Checkpoint, None).await;
-        let downtime_started = Instant::now();
-        let path = dir.join("checkpoint.tar");
-        self.checkpoint(&path, self.req.image_only).await?;
-        self.stopped = !self.req.image_only;
-        self.archive = Some(path.clone());
+        let (path, downtime_started) = match (self.archive.clone(), ended_at) {
+            (Some(path), Some(ended_at)) => (path, ended_at),
+            _ => {
+                let downtime_started = Instant::now();
+                let path = dir.join("checkpoint.tar");
+                let rewound = self.checkpoint(&path, self.req.image_only).await?;
+                self.stopped = !self.req.image_only;
+                self.archive = Some(path.clone());
+                if !rewound.left.is_empty() {
+                    warn!(
+                        threads = %restart::list(&rewound.left),
+                        "CRIU interrupted calls it cannot restart: restored, they fail with EINTR"
+                    );
+                }
+                (path, downtime_started)
+            }
+        };
 
         self.enter(Phase::Transfer, None).await;
         let started = Instant::now();
@@ -249,7 +284,9 @@ impl Migration {
             self.enter(Phase::Assemble, None).await;
             let assembled = self.call(Request::Assemble(step)).await?;
             let image = assembled["image"].as_str().map(str::to_string);
-            return Ok(self.image_only_summary(&path, report, precopy, image).await);
+            return Ok(self
+                .image_only_summary(&path, report, precopy_done, image)
+                .await);
         }
         let restored = if self.req.via_image {
             self.enter(Phase::Assemble, None).await;
@@ -293,7 +330,7 @@ impl Migration {
         if let Some(id) = restored["container_id"].as_str() {
             self.node.remember_container(id);
         }
-        Ok(self.summary(&report, precopy, downtime, None))
+        Ok(self.summary(&report, precopy_done, downtime, None))
     }
 
     /// The plan of a Podman container: it runs here and is asked for by name; its image and ID.
@@ -433,7 +470,9 @@ impl Migration {
         }
     }
 
-    async fn checkpoint(&self, path: &Path, leave_running: bool) -> Result<(), Failure> {
+    /// Checkpoints the container into `path`, with the calls CRIU interrupted set to restart
+    /// (see [`crate::restart`]); says which those were.
+    async fn checkpoint(&self, path: &Path, leave_running: bool) -> Result<Rewound, Failure> {
         let runtime = self.node.runtime.clone();
         let (c, p) = (self.req.container.clone(), path.to_path_buf());
         match blocking(move || runtime.checkpoint(&c, &p, leave_running)).await {
@@ -446,10 +485,69 @@ impl Migration {
                     pages_written = ?stats.map(|s| s.pages_written),
                     "checkpointed"
                 );
-                Ok(())
             }
-            Err(e) => Err(self.fail(format!("checkpointing on {}: {e}", self.node.name))),
+            Err(e) => return Err(self.fail(format!("checkpointing on {}: {e}", self.node.name))),
         }
+        // Best effort: the checkpoint exists (and the final one stopped the container); an
+        // archive that cannot be read here is the destination's to refuse.
+        let p = path.to_path_buf();
+        let rewound = match blocking(move || restart::rewind_archive(&p)).await {
+            Ok(rewound) => rewound,
+            Err(e) => {
+                warn!(error = %e, "reading the checkpoint for interrupted calls failed; sent as it is");
+                Rewound::default()
+            }
+        };
+        if !rewound.rewound.is_empty() {
+            info!(
+                threads = %restart::list(&rewound.rewound),
+                "CRIU interrupted these calls; the checkpoint restarts them"
+            );
+        }
+        Ok(rewound)
+    }
+
+    /// Whether the source container still runs (after a pre-copy checkpoint).
+    async fn still_runs(&self) -> Result<bool, Failure> {
+        let runtime = self.node.runtime.clone();
+        let c = self.req.container.clone();
+        blocking(move || runtime.is_running(&c))
+            .await
+            .map_err(|e| self.fail(format!("asking the container engine: {e}")))
+    }
+
+    /// The container stopped right after pre-copy round `round`, whose checkpoint at `path`
+    /// interrupted calls (`rewound`): CRIU resumed them with `EINTR`, and the container ended
+    /// on it. That checkpoint, from just before, becomes the final one; the rollback restores
+    /// the source from it. Fails when it holds calls that cannot restart: restored, the
+    /// container would end the same way.
+    fn ended_by_precopy(
+        &mut self,
+        round: u32,
+        path: &Path,
+        rewound: &Rewound,
+    ) -> Result<(), Failure> {
+        self.stopped = true;
+        self.archive = Some(path.to_path_buf());
+        let what = restart::list(&[&rewound.rewound[..], &rewound.left[..]].concat());
+        if rewound.left.is_empty() {
+            warn!(
+                round,
+                threads = %what,
+                "the container stopped after the pre-copy checkpoint: CRIU resumed these calls \
+                 with EINTR and it ended; that checkpoint, with the calls set to restart, is the \
+                 final one"
+            );
+            return Ok(());
+        }
+        Err(self.fail(format!(
+            "the container stopped on {} right after pre-copy checkpoint {round}: CRIU interrupted \
+             {what} and resumed the calls failing with EINTR (a CRIU limitation), and it ended on \
+             that; {} cannot be restarted, so a copy restored from the checkpoint would end the \
+             same way",
+            self.node.name,
+            restart::list(&rewound.left)
+        )))
     }
 
     /// Sends one round's archive over its own transfer connection(s).
@@ -515,8 +613,9 @@ impl Migration {
     }
 
     /// After a failure: the destination drops what it made, the source runs again. Returns
-    /// (the source runs again, the destination confirmed it holds nothing of the migration).
-    async fn rollback(&mut self) -> (bool, bool) {
+    /// (the source runs again, the destination confirmed it holds nothing of the migration,
+    /// what went wrong with the source when it does not run).
+    async fn rollback(&mut self) -> (bool, bool, Option<String>) {
         self.enter(Phase::Rollback, None).await;
         let mut clean = true;
         if self.dest.is_some() {
@@ -539,38 +638,68 @@ impl Migration {
             // The kubelet's checkpoint left the container running; the API server, not this
             // daemon, knows its Pod.
             self.close_phase();
-            return (true, clean);
+            return (true, clean, None);
         }
         let runtime = self.node.runtime.clone();
         let container = self.req.container.clone();
-        let archive = self.archive.clone();
-        let stopped = self.stopped;
+        let archive = self.archive.clone().filter(|_| self.stopped);
+        let a = archive.clone();
         let back = blocking(move || -> Result<bool, RuntimeError> {
-            if stopped {
-                if let Some(archive) = archive {
-                    runtime.remove_container(&container)?;
-                    runtime.restore_in_place(&archive)?;
-                }
+            if let Some(archive) = a {
+                runtime.remove_container(&container)?;
+                runtime.restore_in_place(&archive)?;
             }
             runtime.is_running(&container)
         })
         .await;
         self.close_phase();
-        match back {
-            Ok(true) => {
+        let node = &self.node.name;
+        let kept = |archive: &Path| {
+            format!(
+                "its checkpoint is kept at {} on {node} (`podman container restore \
+                 --import=` it there)",
+                archive.display()
+            )
+        };
+        match (back, archive) {
+            (Ok(true), _) => {
                 info!("the source container runs again");
                 self.stopped = false;
-                (true, clean)
+                (true, clean, None)
             }
-            Ok(false) => {
-                warn!("the source container is not running after the rollback");
-                (false, clean)
-            }
-            Err(e) => {
-                warn!(error = %e, "restoring the source container failed; its checkpoint stays in the work folder");
+            (Ok(false), Some(archive)) => {
+                warn!("the source container, restored from its checkpoint, is not running");
                 // Keep the archive: it is the container's only copy now.
-                self.keep_dir = self.stopped;
-                (false, clean)
+                self.keep_dir = true;
+                let note = format!(
+                    "the source container was restored on {node} from its checkpoint but \
+                     stopped again (`podman ps -a` and `podman logs` there); {}",
+                    kept(&archive)
+                );
+                (false, clean, Some(note))
+            }
+            (Ok(false), None) => {
+                warn!("the source container is not running, and the migration had not stopped it");
+                let note = format!(
+                    "the source container is not running on {node}, and the migration had not \
+                     stopped it (it stopped during the migration, with no checkpoint of it \
+                     taken to restore: `podman ps -a` and `podman logs` there)"
+                );
+                (false, clean, Some(note))
+            }
+            (Err(e), Some(archive)) => {
+                warn!(error = %e, "restoring the source container failed; its checkpoint stays in the work folder");
+                self.keep_dir = true;
+                let note = format!(
+                    "restoring the source container on {node} failed: {e}; {}",
+                    kept(&archive)
+                );
+                (false, clean, Some(note))
+            }
+            (Err(e), None) => {
+                warn!(error = %e, "the source container could not be checked");
+                let note = format!("checking the source container on {node}: {e}");
+                (false, clean, Some(note))
             }
         }
     }
