@@ -30,7 +30,7 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::drain_board::{Board, Show};
+use crate::drain_board::{Board, Show, Work};
 use crate::nodes::{self, NodeAddr, Nodes};
 use crate::output::{bytes, Output};
 
@@ -226,12 +226,10 @@ async fn drain(
         .containers
         .into_iter()
         .partition(ListedContainer::movable);
-    let show = match (args.json, out.quiet) {
-        (true, _) => Show::Json,
-        (false, true) => Show::Nothing,
-        (false, false) => Show::People,
-    };
-    let board = Arc::new(Board::on_stderr(&from.name, &to.name, &movable, show));
+    let show = Show::of(args.json, out.quiet);
+    let work: Vec<Work> = movable.iter().map(Work::from).collect();
+    let title = format!("{} → {}", from.name, to.name);
+    let board = Arc::new(Board::on_stderr(&title, &work, show));
     let memory: Option<u64> = movable.iter().map(|c| c.memory_bytes).sum();
     board.say(&format!(
         "draining {}: {} running container(s), {} to move to {} (at most {} at once{}), {} \
@@ -730,7 +728,10 @@ mod kubernetes {
     };
     use std::collections::BTreeMap;
 
+    use std::sync::OnceLock;
+
     use crate::cluster::{self, DaemonImages};
+    use crate::drain_board::{Board, Show, Work};
     use crate::progress::View;
 
     /// The daemons' own progress is not drawn (several Pods move at once and their bars would
@@ -768,16 +769,26 @@ mod kubernetes {
         endpoint: quinn::Endpoint,
         port: u16,
         made: Mutex<Vec<Arc<DaemonImages<'static>>>>,
+        /// The drain's board, once the drain has found its Pods: the daemons' phases and bytes
+        /// go there. Unset in watch mode, which shows lines only.
+        board: Option<Arc<OnceLock<Board>>>,
     }
 
     impl Images {
         fn for_plan(&self, plan: &PodPlan) -> PodImages {
-            let images = DaemonImages::for_plan(
-                self.endpoint.clone(),
-                plan,
-                self.port,
-                View::new(&QUIET, false).for_pods(),
-            );
+            let mut view = View::new(&QUIET, false).for_pods();
+            if let Some(slot) = &self.board {
+                let (slot, pod) = (
+                    slot.clone(),
+                    format!("{}/{}", plan.namespace, plan.pod_name()),
+                );
+                view = view.tapped(Box::new(move |event| {
+                    if let Some(board) = slot.get() {
+                        daemon_event(board, &pod, event);
+                    }
+                }));
+            }
+            let images = DaemonImages::for_plan(self.endpoint.clone(), plan, self.port, view);
             match images {
                 Ok(images) => {
                     let images = Arc::new(images);
@@ -814,10 +825,12 @@ mod kubernetes {
         config.default_retry = false;
         let client = kube::Client::try_from(config).context("creating the Kubernetes client")?;
         let endpoint = cluster::operator_endpoint(args.certs.as_deref())?;
+        let slot = Arc::new(OnceLock::new());
         let images = Images {
             endpoint,
             port: args.daemon_port,
             made: Mutex::new(Vec::new()),
+            board: (!args.watch).then(|| slot.clone()),
         };
         let clock = Clock {
             started: Instant::now(),
@@ -848,14 +861,46 @@ mod kubernetes {
                 ""
             }
         ));
-        let report = drain::drain(
+        let show = Show::of(args.json, out.quiet);
+        let drained = drain::drain(
             &client,
             &node,
             &opts,
             |p| images.for_plan(p),
-            |e| say_event(clock, &e),
-        )
-        .await;
+            |e| {
+                if let DrainEvent::Found { pods, .. } = &e {
+                    let work: Vec<Work> = pods
+                        .iter()
+                        .map(|p| Work {
+                            name: p.clone(),
+                            bytes: None,
+                        })
+                        .collect();
+                    let _ = slot.set(Board::on_stderr(&node, &work, show));
+                }
+                match slot.get() {
+                    Some(board) => board_event(board, &e),
+                    None => say_event(clock, &e),
+                }
+            },
+        );
+        tokio::pin!(drained);
+        // The board's time left moves between events too.
+        let mut ticks = tokio::time::interval(Duration::from_secs(1));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let report = loop {
+            tokio::select! {
+                report = &mut drained => break report,
+                _ = ticks.tick() => {
+                    if let Some(board) = slot.get() {
+                        board.tick();
+                    }
+                }
+            }
+        };
+        if let Some(board) = slot.get() {
+            board.close();
+        }
         images.finish().await;
         let report = report.map_err(|e| anyhow::anyhow!("{e}"))?;
         print_report(&report, args, out, clock.started);
@@ -954,16 +999,74 @@ mod kubernetes {
 
     fn say_event(clock: Clock, event: &DrainEvent) {
         clock.say_prefixed("", event_line(event).as_deref());
-        if let DrainEvent::Done {
+        if let Some(words) = failure_words(event) {
+            // Failures are said in words even with --json and -q, as `migrate` does.
+            eprintln!("{words}");
+        }
+    }
+
+    /// A failed Pod migration, in words.
+    fn failure_words(event: &DrainEvent) -> Option<String> {
+        let DrainEvent::Done {
             pod,
             result: PodResult::Failed { to, phase, message },
         } = event
-        {
-            // Failures are said in words even with --json and -q, as `migrate` does.
-            eprintln!(
-                "error: migrating Pod {pod}{} failed while {phase}: {message}",
-                to.as_ref().map(|t| format!(" to {t}")).unwrap_or_default()
-            );
+        else {
+            return None;
+        };
+        Some(format!(
+            "error: migrating Pod {pod}{} failed while {phase}: {message}",
+            to.as_ref().map(|t| format!(" to {t}")).unwrap_or_default()
+        ))
+    }
+
+    /// A drain step on the board: its line, and where its Pod is now.
+    fn board_event(board: &Board, event: &DrainEvent) {
+        if let Some(line) = event_line(event) {
+            board.say(&line);
+        }
+        if let Some(words) = failure_words(event) {
+            board.error(&words);
+        }
+        let (pod, phase, what) = match event {
+            DrainEvent::Step { pod, progress } => match progress {
+                Progress::Created { .. } => (
+                    pod,
+                    Phase::Restore,
+                    "new Pod created; waiting until it is Ready",
+                ),
+                Progress::Ready { .. } => (pod, Phase::Verify, "new Pod Ready"),
+                Progress::DeletingSource | Progress::HandingOver { .. } => {
+                    (pod, Phase::Cleanup, "the source Pod goes")
+                }
+                Progress::RollingBack(_) => (pod, Phase::Rollback, "rolling back"),
+                _ => return,
+            },
+            DrainEvent::Done { pod, result } => {
+                board.finished(pod, matches!(result, PodResult::Moved { .. }));
+                return;
+            }
+            _ => return,
+        };
+        board.phase(pod, phase, None, what);
+    }
+
+    /// A Pod's daemon event on the board: the image phases and their bytes.
+    fn daemon_event(board: &Board, pod: &str, event: &Event) {
+        match event {
+            Event::Phase { phase, round, .. } => {
+                let what = match phase {
+                    Phase::Plan => "checking both daemons",
+                    Phase::StageImage => "sending the base image (the target lacks it)",
+                    Phase::Checkpoint => "kubelet checkpoint (the Pod keeps running)",
+                    Phase::Transfer => "sending the checkpoint",
+                    Phase::Assemble => "building the checkpoint image on the target",
+                    _ => "",
+                };
+                board.phase(pod, *phase, *round, what);
+            }
+            Event::Progress { phase, done, total } => board.progress(pod, *phase, *done, *total),
+            _ => {}
         }
     }
 
@@ -974,7 +1077,9 @@ mod kubernetes {
             DrainEvent::Cordoned { already: false } => {
                 "cordoned (spec.unschedulable): no new Pod starts there".into()
             }
-            DrainEvent::Found { movable, staying } => {
+            DrainEvent::Found {
+                movable, staying, ..
+            } => {
                 format!("{movable} Pod(s) to move, {staying} staying")
             }
             DrainEvent::Staying { pod, result } => format!("{pod}: {}", result_words(result)),

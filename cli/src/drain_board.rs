@@ -46,6 +46,22 @@ const MIN_ELAPSED: Duration = Duration::from_secs(2);
 /// On a pipe and in JSON: a status this often, besides one when a container finishes.
 pub(crate) const STATUS_EVERY: Duration = Duration::from_secs(10);
 
+/// One container (or Pod) a drain migrates, and its bytes if known (its memory in use).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Work {
+    pub(crate) name: String,
+    pub(crate) bytes: Option<u64>,
+}
+
+impl From<&ListedContainer> for Work {
+    fn from(c: &ListedContainer) -> Self {
+        Work {
+            name: c.name.clone(),
+            bytes: c.memory_bytes,
+        }
+    }
+}
+
 /// Where one container's migration is.
 #[derive(Debug, Clone, PartialEq)]
 enum Stage {
@@ -72,6 +88,8 @@ struct Item {
     name: String,
     /// Its bytes as best known: the checkpoint's size, else its memory.
     bytes: Option<u64>,
+    /// Whether its migration had a pre-copy round (else what follows the plan spans it all).
+    precopy: bool,
     stage: Stage,
 }
 
@@ -113,7 +131,15 @@ impl Item {
             Phase::Restore => timed(elapsed, bytes, RESTORE_RATE),
             _ => sent,
         };
-        start + span * part
+        let fraction = start + span * part;
+        let (after_plan, _) = phase_span(Phase::Precopy);
+        let (final_round, _) = phase_span(Phase::Checkpoint);
+        if self.precopy || fraction < final_round {
+            fraction
+        } else {
+            // No pre-copy: from the final checkpoint on is all that is left after the plan.
+            after_plan + (fraction - final_round) * (1.0 - after_plan) / (1.0 - final_round)
+        }
     }
 }
 
@@ -167,13 +193,14 @@ pub(crate) struct Estimate {
 }
 
 impl Estimate {
-    /// The drain of `containers` (those it migrates), started at `started`.
-    pub(crate) fn new(started: Instant, containers: &[ListedContainer]) -> Self {
-        let items = containers
+    /// The drain of `work` (what it migrates), started at `started`.
+    pub(crate) fn new(started: Instant, work: &[Work]) -> Self {
+        let items = work
             .iter()
-            .map(|c| Item {
-                name: c.name.clone(),
-                bytes: c.memory_bytes,
+            .map(|w| Item {
+                name: w.name.clone(),
+                bytes: w.bytes,
+                precopy: false,
                 stage: Stage::Waiting,
             })
             .collect();
@@ -188,6 +215,7 @@ impl Estimate {
     pub(crate) fn phase(&mut self, name: &str, phase: Phase, round: Option<u32>, now: Instant) {
         let mean = self.mean_bytes();
         let Some(item) = self.item(name) else { return };
+        item.precopy |= phase == Phase::Precopy;
         // A rollback keeps the ground it had: its work is done either way.
         let kept = (phase == Phase::Rollback).then(|| item.fraction(now, mean));
         item.stage = Stage::Moving {
@@ -370,6 +398,17 @@ pub(crate) enum Show {
     Json,
 }
 
+impl Show {
+    /// What `--json` and `-q` ask for.
+    pub(crate) fn of(json: bool, quiet: bool) -> Self {
+        match (json, quiet) {
+            (true, _) => Show::Json,
+            (false, true) => Show::Nothing,
+            (false, false) => Show::People,
+        }
+    }
+}
+
 /// What a drain shows while it runs; shared by its migrations' tasks.
 pub(crate) struct Board {
     inner: Mutex<Inner>,
@@ -399,13 +438,12 @@ struct Live {
 }
 
 impl Board {
-    /// The board of a drain from `from` to `to` of `containers` (those it migrates), shown
-    /// as `show` says into `sinks` (live when they hold a terminal), timed by `clock`;
+    /// The board of a drain called `title` (`node1 → node2`) of `work` (what it migrates),
+    /// shown as `show` says into `sinks` (live when they hold a terminal), timed by `clock`;
     /// `steady_tick` animates the spinners between events (off in tests).
     pub(crate) fn new(
-        from: &str,
-        to: &str,
-        containers: &[ListedContainer],
+        title: &str,
+        work: &[Work],
         show: Show,
         sinks: Sinks,
         clock: Arc<dyn Clock>,
@@ -418,15 +456,15 @@ impl Board {
                 let overall = multi.add(
                     ProgressBar::new(1000)
                         .with_style(overall_style())
-                        .with_prefix(format!("{from} → {to}")),
+                        .with_prefix(title.to_string()),
                 );
                 Some(Live {
                     multi,
                     overall,
                     moving: HashMap::new(),
-                    name_width: containers
+                    name_width: work
                         .iter()
-                        .map(|c| c.name.chars().count())
+                        .map(|w| w.name.chars().count())
                         .max()
                         .unwrap_or(0),
                     steady_tick,
@@ -435,11 +473,11 @@ impl Board {
             _ => None,
         };
         let inner = Inner {
-            estimate: Estimate::new(now, containers),
+            estimate: Estimate::new(now, work),
             clock,
             sinks,
             show,
-            title: format!("{from} → {to}"),
+            title: title.to_string(),
             last_status: now,
             live,
         };
@@ -450,23 +488,10 @@ impl Board {
     }
 
     /// The board of a drain on this process's stdout and stderr ([`Sinks::standard`]).
-    pub(crate) fn on_stderr(
-        from: &str,
-        to: &str,
-        containers: &[ListedContainer],
-        show: Show,
-    ) -> Self {
+    pub(crate) fn on_stderr(title: &str, work: &[Work], show: Show) -> Self {
         let sinks = Sinks::standard();
         let live = sinks.terminal.is_some();
-        Self::new(
-            from,
-            to,
-            containers,
-            show,
-            sinks,
-            Arc::new(SystemClock),
-            live,
-        )
+        Self::new(title, work, show, sinks, Arc::new(SystemClock), live)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -646,13 +671,10 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
-    fn container(name: &str, memory: Option<u64>) -> ListedContainer {
-        ListedContainer {
+    fn container(name: &str, memory: Option<u64>) -> Work {
+        Work {
             name: name.into(),
-            id: format!("{name}-id"),
-            image: "img".into(),
-            not_movable: None,
-            memory_bytes: memory,
+            bytes: memory,
         }
     }
 
@@ -679,12 +701,14 @@ mod tests {
         e.phase("a", Phase::Plan, None, t0);
         e.phase("a", Phase::Transfer, None, at(t0, 1.0));
         e.progress("a", Phase::Transfer, 64 * MIB, 64 * MIB);
-        // a has sent everything: 0.83 of its work, half the drain's.
+        // a has sent everything: the transfer's end, 0.83, in a migration with a pre-copy
+        // round; without one, what follows the plan (0.01) spans the rest.
+        let a = 0.01 + (0.83 - 0.5) * 0.99 / 0.5;
         let now = at(t0, 10.0);
-        assert!(close(e.fraction(now), 0.415), "{}", e.fraction(now));
+        assert!(close(e.fraction(now), a / 2.0), "{}", e.fraction(now));
         assert_eq!(e.left(at(t0, 1.0)), None, "too soon to guess");
         let left = e.left(now).unwrap().as_secs_f64();
-        assert!(close(left, 10.0 * 0.585 / 0.415), "{left}");
+        assert!(close(left, 10.0 * (1.0 - a / 2.0) / (a / 2.0)), "{left}");
 
         e.finished("a", true);
         e.finished("b", false);
@@ -751,10 +775,11 @@ mod tests {
         e.finished("a", true);
         e.phase("b", Phase::Transfer, None, t0);
         e.progress("b", Phase::Transfer, 20, 100);
-        // a whole, b at 0.758: 1.758 / 3 of the work in 16 s, so 11.3 s left.
+        // a whole, b at 0.521 (0.758 with a pre-copy round, which it did not have): 1.521 / 3
+        // of the work in 16 s, so 15.6 s left.
         assert_eq!(
             e.words(at(t0, 16.0)),
-            "1 of 3 moved, 1 moving, 1 waiting; 59 % done, about 12 s left"
+            "1 of 3 moved, 1 moving, 1 waiting; 51 % done, about 16 s left"
         );
         assert_eq!(e.moving_words(), ["b (transfer, 20 %)"]);
         e.finished("b", false);
@@ -765,7 +790,7 @@ mod tests {
 
     /// A board from node1 to node2 writing into `out` and `err`, as on a pipe.
     fn piped(
-        containers: &[ListedContainer],
+        work: &[Work],
         show: Show,
         out: &Buffer,
         err: &Buffer,
@@ -776,15 +801,7 @@ mod tests {
             err: Box::new(err.clone()),
             terminal: None,
         };
-        Board::new(
-            "node1",
-            "node2",
-            containers,
-            show,
-            sinks,
-            clock.clone(),
-            false,
-        )
+        Board::new("node1 → node2", work, show, sinks, clock.clone(), false)
     }
 
     #[test]
@@ -870,8 +887,7 @@ mod tests {
         };
         let two = [container("web", Some(0)), container("db", Some(0))];
         let board = Board::new(
-            "node1",
-            "node2",
+            "node1 → node2",
             &two,
             Show::People,
             sinks,
@@ -890,10 +906,11 @@ mod tests {
         let screen = term.lines();
         assert_eq!(screen[0], "[   0.0s] web: plan");
         assert_eq!(screen[1], "[   5.0s] db: final checkpoint (it stops)");
-        // web (0.785 of its work) now weighs its 60 MiB archive, db (0.5) the fixed share.
+        // Neither had a pre-copy round, so what follows the plan is all their work: web is at
+        // 0.574 of its own (and weighs its 60 MiB archive), db 0.01 (the fixed share).
         assert!(
-            screen[2].starts_with("node1 → node2 [=============")
-                && screen[2].ends_with("] 69 % · about 3 s left · 0/2 moved"),
+            screen[2].starts_with("node1 → node2 [=======>    ")
+                && screen[2].ends_with("] 38 % · about 9 s left · 0/2 moved"),
             "{screen:#?}"
         );
         assert_eq!(screen[3], "  ⠁ web  transfer · 30.0 MiB/60.0 MiB (50 %)");

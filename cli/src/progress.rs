@@ -86,7 +86,12 @@ pub(crate) struct View<'a> {
     running: Option<Running>,
     /// Terminal mode: the live line of the running phase.
     live: Option<ProgressBar>,
+    /// Also sees every event (a drain's board).
+    tap: Option<Tap>,
 }
+
+/// What else sees a [`View`]'s events.
+pub(crate) type Tap = Box<dyn Fn(&Event) + Send + Sync>;
 
 /// The phase running now.
 struct Running {
@@ -131,7 +136,14 @@ impl<'a> View<'a> {
             steady_tick: false,
             running: None,
             live: None,
+            tap: None,
         }
+    }
+
+    /// The view, with `tap` seeing every event too.
+    pub(crate) fn tapped(mut self, tap: Tap) -> Self {
+        self.tap = Some(tap);
+        self
     }
 
     /// A view of the checkpoint-image migrations of a Pod's containers.
@@ -147,6 +159,9 @@ impl<'a> View<'a> {
 
     /// Shows one event.
     pub(crate) fn show(&mut self, event: &Event) {
+        if let Some(tap) = &self.tap {
+            tap(event);
+        }
         if self.json {
             let line = serde_json::to_string(event).expect("events serialize");
             let _ = writeln!(self.sinks.out, "{line}");

@@ -219,9 +219,22 @@ fn assert_cordoned(fake: &Fake, name: &str) {
     );
 }
 
-/// The JSON lines of a `--json` run: the Pod events by `namespace/pod`, and the summary.
+/// The JSON lines of a `--json` run: the Pod events by `namespace/pod`, and the summary. The
+/// drain's progress objects are checked and left out: the last one counts every Pod to
+/// migrate as moved or failed.
 fn json_report(run: &Run) -> (Vec<(String, Value)>, Value) {
-    let events = parse_events(&run.stdout);
+    let (progress, events): (Vec<Value>, Vec<Value>) = parse_events(&run.stdout)
+        .into_iter()
+        .partition(|e| e["event"] == "progress");
+    if let Some(last) = progress.last() {
+        let count = |field: &str| last[field].as_u64().unwrap();
+        assert_eq!(
+            count("moved") + count("failed"),
+            count("containers"),
+            "{last}"
+        );
+        assert_eq!(last["done_fraction"], 1.0, "{last}");
+    }
     let (summaries, pods): (Vec<Value>, Vec<Value>) =
         events.into_iter().partition(|e| e["event"] == "summary");
     assert_eq!(summaries.len(), 1, "{}", run.stdout);
@@ -842,6 +855,13 @@ fn drain_and_watch_move_pods_with_real_criu() {
         migrate(&["drain", &a]).output().unwrap(),
     );
     assert_eq!(run.code, 0, "the drain failed");
+    // On a pipe, the drain's status when its one Pod has moved.
+    assert!(
+        run.stderr
+            .contains(&format!("drain {a}: 1 of 1 moved; 100 % done")),
+        "{}",
+        run.stderr
+    );
     let row = run.row("default/counter");
     assert!(row.contains(&format!("moved to {b} as counter-")), "{row}");
     let new_pod = row

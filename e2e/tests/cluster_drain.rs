@@ -567,7 +567,8 @@ async fn drain_cordons_then_moves_what_can_move_and_reports_the_rest() {
         events[1],
         DrainEvent::Found {
             movable: 2,
-            staying: 2
+            staying: 2,
+            pods: vec!["shop/api-7f9c-xk2p".into(), "shop/web".into()],
         }
     );
     assert!(events.contains(&DrainEvent::Target {

@@ -383,14 +383,18 @@ impl Destinations {
     /// paths, no `..`, no escaping links, bounded sizes, the right container) and restores the
     /// container straight from it, then deletes it.
     pub async fn restore_archive(&self, node: &Arc<Node>, req: StepRequest) -> Reply {
+        let started = std::time::Instant::now();
         let (_, archive) = match self.finished_round(node, &req.migration_id, 0).await {
             Ok(r) => r,
             Err(reply) => return reply,
         };
+        let received = started.elapsed();
         let runtime = node.runtime.clone();
         let container = req.container.clone();
         let a = archive.clone();
+        let id = req.migration_id.clone();
         let restored = blocking(move || -> Result<String, String> {
+            let checking = std::time::Instant::now();
             let info = inspect::inspect_file(&a, &Limits::default())
                 .map_err(|e| format!("the checkpoint archive was refused: {e}"))?;
             if info.container_name.as_deref() != Some(container.as_str()) {
@@ -399,9 +403,19 @@ impl Destinations {
                     info.container_name
                 ));
             }
-            runtime
+            let checked = checking.elapsed();
+            let restoring = std::time::Instant::now();
+            let restored = runtime
                 .restore_in_place(&a)
-                .map_err(|e| format!("restoring: {e}"))
+                .map_err(|e| format!("restoring: {e}"));
+            info!(
+                migration_id = %id,
+                received_ms = received.as_millis() as u64,
+                checked_ms = checked.as_millis() as u64,
+                restored_ms = restoring.elapsed().as_millis() as u64,
+                "restore: waited for the final round, checked the archive, restored"
+            );
+            restored
         })
         .await;
         let _ = std::fs::remove_file(&archive);

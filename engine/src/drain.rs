@@ -623,6 +623,8 @@ pub enum DrainEvent {
         movable: usize,
         /// Pods that stay (not movable, finished).
         staying: usize,
+        /// The Pods to migrate, `namespace/name`, in the order they are taken.
+        pods: Vec<String>,
     },
     /// A Pod stays where it is ([`PodResult::NotMovable`] or [`PodResult::Skipped`]).
     Staying {
@@ -878,6 +880,7 @@ where
     progress(DrainEvent::Found {
         movable: movable.len(),
         staying: reports.len(),
+        pods: movable.iter().map(pod_id).collect(),
     });
     for r in &reports {
         progress(DrainEvent::Staying {
