@@ -139,6 +139,18 @@ impl Lab {
         n.address.to_string()
     }
 
+    /// Gives the daemon of `node` a work folder of `bytes` (a tmpfs over it), so a checkpoint
+    /// larger than that cannot land; returns the folder, for [`Lab::ok`] `umount` at the end.
+    pub fn limit_work_folder(&self, node: &str, bytes: u64) -> String {
+        let work = lab::DAEMON_STATE.to_string() + "/work";
+        let options = format!("size={bytes},mode=0700");
+        self.ok(
+            node,
+            &["mount", "-t", "tmpfs", "-o", &options, "tmpfs", &work],
+        );
+        work
+    }
+
     /// The name of `node`'s network namespace (in /run/netns).
     pub fn netns(&self, node: &str) -> String {
         let n = self.state.nodes.iter().find(|n| n.name == node).unwrap();

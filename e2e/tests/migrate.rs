@@ -510,20 +510,7 @@ fn destination_without_room_for_the_checkpoint_rolls_back() {
         .unwrap();
     lab.ok(a, &["rm", "/tmp/probe.tar"]);
     // Room for half the checkpoint: the image cannot be made there.
-    let room = size / 2;
-    let work = lab::DAEMON_STATE.to_string() + "/work";
-    lab.ok(
-        b,
-        &[
-            "mount",
-            "-t",
-            "tmpfs",
-            "-o",
-            &format!("size={room},mode=0700"),
-            "tmpfs",
-            &work,
-        ],
-    );
+    let work = lab.limit_work_folder(b, size / 2);
     let before = count(&lab, a).unwrap();
     let (ok, events) = lab.migrate("counter", a, b, &["--precopy", "0"]);
     assert!(!ok, "the migration succeeded on a full disk");

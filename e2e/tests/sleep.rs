@@ -126,19 +126,7 @@ fn sleep_as_pid1_is_restored_on_the_source_when_the_migration_fails() {
     let (a, b) = (&lab.a, &lab.b);
     start_sleeper(&lab, a);
     // Room on the destination for a few KiB: the checkpoint (about 150 KiB) cannot land.
-    let work = lab::DAEMON_STATE.to_string() + "/work";
-    lab.ok(
-        b,
-        &[
-            "mount",
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=16k,mode=0700",
-            "tmpfs",
-            &work,
-        ],
-    );
+    let work = lab.limit_work_folder(b, 16 << 10);
     let (ok, events) = lab.migrate(NAME, a, b, &[]);
     assert!(!ok, "the migration succeeded on a full disk");
     let last = events.last().expect("no events");
