@@ -727,7 +727,6 @@ mod kubernetes {
         Watcher,
     };
     use std::collections::BTreeMap;
-
     use std::sync::OnceLock;
 
     use crate::cluster::{self, DaemonImages};
@@ -876,7 +875,8 @@ mod kubernetes {
                             bytes: None,
                         })
                         .collect();
-                    let _ = slot.set(Board::on_stderr(&node, &work, show));
+                    let board = Board::on_stderr(&node, &work, show).started_at(clock.started);
+                    let _ = slot.set(board);
                 }
                 match slot.get() {
                     Some(board) => board_event(board, &e),

@@ -494,6 +494,13 @@ impl Board {
         Self::new(title, work, show, sinks, Arc::new(SystemClock), live)
     }
 
+    /// The board, its drain having started at `started` (before the board was made): the
+    /// stamps and the pace count from there.
+    pub(crate) fn started_at(self, started: Instant) -> Self {
+        self.lock().estimate.started = started;
+        self
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
