@@ -25,7 +25,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::output::bytes;
-use crate::progress::{duration, phase_label, Clock, Sinks, SystemClock};
+use crate::progress::{duration, phase_label, write_line, Clock, Sinks, SystemClock};
 
 /// The work of a migration that does not grow with the container's size, counted as bytes
 /// (measured in the lab: a 2 MiB nginx takes about 1.2 s, a 1.3 GB redis about 21 s).
@@ -603,13 +603,9 @@ impl Inner {
     /// A line on stderr, above the live board when there is one.
     fn line(&mut self, text: &str) {
         let err = &mut self.sinks.err;
-        let mut write = || {
-            let _ = writeln!(err, "{text}");
-            let _ = err.flush();
-        };
         match &self.live {
-            Some(live) => live.multi.suspend(write),
-            None => write(),
+            Some(live) => live.multi.suspend(|| write_line(err, text)),
+            None => write_line(err, text),
         }
     }
 
@@ -670,7 +666,6 @@ fn container_style(width: usize) -> ProgressStyle {
 
 #[cfg(test)]
 mod tests {
-    use indicatif::ProgressDrawTarget;
     use serde_json::Value;
 
     use super::*;
@@ -884,14 +879,7 @@ mod tests {
     fn a_terminal_gets_a_live_board_under_the_log_lines() {
         let term = FakeTerm::default();
         let clock = FakeClock::new();
-        let target = term.clone();
-        let sinks = Sinks {
-            out: Box::new(term.clone()),
-            err: Box::new(term.clone()),
-            terminal: Some(Box::new(move || {
-                ProgressDrawTarget::term_like(Box::new(target.clone()))
-            })),
-        };
+        let sinks = term.sinks();
         let two = [container("web", Some(0)), container("db", Some(0))];
         let board = Board::new(
             "node1 → node2",

@@ -343,13 +343,9 @@ impl<'a> View<'a> {
     /// A line on stderr, above the live line when there is one.
     fn err_line(&mut self, text: &str) {
         let err = &mut self.sinks.err;
-        let mut write = || {
-            let _ = writeln!(err, "{text}");
-            let _ = err.flush();
-        };
         match &self.live {
-            Some(bar) => bar.suspend(write),
-            None => write(),
+            Some(bar) => bar.suspend(|| write_line(err, text)),
+            None => write_line(err, text),
         }
     }
 
@@ -372,6 +368,12 @@ impl<'a> View<'a> {
             (Phase::Rollback, _) => "rolling back: the source runs again".into(),
         }
     }
+}
+
+/// `text` as a line on `to`, flushed (errors writing to a closed terminal are ignored).
+pub(crate) fn write_line(to: &mut dyn Write, text: &str) {
+    let _ = writeln!(to, "{text}");
+    let _ = to.flush();
 }
 
 /// What a phase's lines are called.
@@ -623,15 +625,7 @@ mod tests {
 
     /// A view drawing on `term`, as on a terminal.
     fn on_terminal<'a>(out: &'a Output, term: &FakeTerm, clock: Arc<FakeClock>) -> View<'a> {
-        let target = term.clone();
-        let sinks = Sinks {
-            out: Box::new(term.clone()),
-            err: Box::new(term.clone()),
-            terminal: Some(Box::new(move || {
-                ProgressDrawTarget::term_like(Box::new(target.clone()))
-            })),
-        };
-        View::with(out, false, sinks, clock)
+        View::with(out, false, term.sinks(), clock)
     }
 
     const PEOPLE: Output = Output { quiet: false };

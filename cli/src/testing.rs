@@ -6,9 +6,9 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use indicatif::TermLike;
+use indicatif::{ProgressDrawTarget, TermLike};
 
-use crate::progress::Clock;
+use crate::progress::{Clock, Sinks};
 
 /// A clock the test sets.
 pub(crate) struct FakeClock {
@@ -120,6 +120,18 @@ pub(crate) struct FakeTerm(Arc<Mutex<Grid>>);
 impl FakeTerm {
     pub(crate) fn lines(&self) -> Vec<String> {
         self.0.lock().unwrap().lines()
+    }
+
+    /// Stdout, stderr and live lines all on this terminal.
+    pub(crate) fn sinks(&self) -> Sinks {
+        let target = self.clone();
+        Sinks {
+            out: Box::new(self.clone()),
+            err: Box::new(self.clone()),
+            terminal: Some(Box::new(move || {
+                ProgressDrawTarget::term_like(Box::new(target.clone()))
+            })),
+        }
     }
 }
 
