@@ -90,6 +90,9 @@ struct Item {
     bytes: Option<u64>,
     /// Whether its migration had a pre-copy round (else what follows the plan spans it all).
     precopy: bool,
+    /// The furthest it had come when its latest phase began: it never goes back from there
+    /// (the next container of a Pod begins with its own plan).
+    reached: f64,
     stage: Stage,
 }
 
@@ -134,12 +137,13 @@ impl Item {
         let fraction = start + span * part;
         let (after_plan, _) = phase_span(Phase::Precopy);
         let (final_round, _) = phase_span(Phase::Checkpoint);
-        if self.precopy || fraction < final_round {
+        let fraction = if self.precopy || fraction < final_round {
             fraction
         } else {
             // No pre-copy: from the final checkpoint on is all that is left after the plan.
             after_plan + (fraction - final_round) * (1.0 - after_plan) / (1.0 - final_round)
-        }
+        };
+        fraction.max(self.reached)
     }
 }
 
@@ -201,6 +205,7 @@ impl Estimate {
                 name: w.name.clone(),
                 bytes: w.bytes,
                 precopy: false,
+                reached: 0.0,
                 stage: Stage::Waiting,
             })
             .collect();
@@ -215,9 +220,10 @@ impl Estimate {
     pub(crate) fn phase(&mut self, name: &str, phase: Phase, round: Option<u32>, now: Instant) {
         let mean = self.mean_bytes();
         let Some(item) = self.item(name) else { return };
+        item.reached = item.fraction(now, mean);
         item.precopy |= phase == Phase::Precopy;
         // A rollback keeps the ground it had: its work is done either way.
-        let kept = (phase == Phase::Rollback).then(|| item.fraction(now, mean));
+        let kept = (phase == Phase::Rollback).then_some(item.reached);
         item.stage = Stage::Moving {
             phase,
             round,
@@ -755,6 +761,25 @@ mod tests {
         assert!(close(e.fraction(at(t0, 100.0)), checkpointing));
         e.finished("big", false);
         assert!(close(e.fraction(during), 0.5));
+    }
+
+    #[test]
+    fn a_pod_s_second_container_does_not_take_it_back() {
+        let t0 = Instant::now();
+        let mut e = Estimate::new(t0, &[container("shop/web", None)]);
+        for phase in [Phase::Plan, Phase::Checkpoint, Phase::Transfer] {
+            e.phase("shop/web", phase, None, t0);
+        }
+        e.progress("shop/web", Phase::Transfer, 10, 10);
+        let first = e.fraction(t0);
+        assert!(first > 0.5, "{first}");
+        // The sidecar's migration begins with its own plan and checkpoint.
+        e.phase("shop/web", Phase::Plan, None, t0);
+        e.phase("shop/web", Phase::Checkpoint, None, t0);
+        assert_eq!(e.fraction(t0), first);
+        // Past where the first had come, it moves on again.
+        e.phase("shop/web", Phase::Restore, None, t0);
+        assert!(e.fraction(at(t0, 1.0)) > first);
     }
 
     #[test]
