@@ -231,6 +231,7 @@ async fn drain(
     let title = format!("{} → {}", from.name, to.name);
     let board = Arc::new(Board::on_stderr(&title, &work, show));
     let memory: Option<u64> = movable.iter().map(|c| c.memory_bytes).sum();
+    let memory = memory.filter(|_| !movable.is_empty());
     board.say(&format!(
         "draining {}: {} running container(s), {} to move to {} (at most {} at once{}), {} \
          not movable; no cordon (Podman nodes have no scheduler)",
