@@ -332,6 +332,29 @@ pub fn machine_path(namespace: &str, name: &str) -> String {
     format!("/apis/cluster.x-k8s.io/v1beta1/namespaces/{namespace}/machines/{name}")
 }
 
+/// A Ready Node labelled with its hostname, with `cpu` and `memory` allocatable (110 Pods).
+pub fn node_object(name: &str, cpu: &str, memory: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+        "spec": {},
+        "status": {
+            "allocatable": {"cpu": cpu, "memory": memory, "pods": "110"},
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}]}})
+}
+
+/// The migrate daemon's Pod on `node`, as its DaemonSet (`migrate-daemon`) makes it, on the
+/// host's network with the address `ip`.
+pub fn daemon_pod(node: &str, ip: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": format!("migrate-daemon-{node}"), "namespace": "migrate",
+                     "labels": {"app.kubernetes.io/name": "migrate-daemon"},
+                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet",
+                         "name": "migrate-daemon", "uid": "ds-1", "controller": true}]},
+        "spec": {"nodeName": node, "hostNetwork": true,
+                 "containers": [{"name": "daemon", "image": "migrate:dev"}]},
+        "status": {"phase": "Running", "podIP": ip}})
+}
+
 /// `/api/v1/namespaces/{namespace}/pods/{name}`.
 pub fn pod_path(namespace: &str, name: &str) -> String {
     format!("/api/v1/namespaces/{namespace}/pods/{name}")

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use e2e::fake_apiserver::{machine_path, node_path, FakeApiServer};
+use e2e::fake_apiserver::{daemon_pod, machine_path, node_object, node_path, FakeApiServer};
 use e2e::fake_cluster::FakeCluster;
 use e2e::lab::{count, migrate_binary, parse_events, start_counter, start_counter_named, Lab};
 use e2e::wait_for;
@@ -143,25 +143,14 @@ fn write_kubeconfig(path: &Path, server: &str) {
     std::fs::write(path, kubeconfig.to_string()).unwrap();
 }
 
+/// A Ready node with room for every Pod here.
 fn node(name: &str) -> Value {
-    json!({"apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
-        "spec": {},
-        "status": {
-            "allocatable": {"cpu": "4", "memory": "8Gi", "pods": "110"},
-            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}]}})
+    node_object(name, "4", "8Gi")
 }
 
-/// The migrate daemon's Pod on `node`, as its DaemonSet makes it.
+/// The migrate daemon's Pod on `node`, at an address where no daemon answers.
 fn daemon(node: &str) -> Value {
-    json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": format!("migrate-daemon-{node}"), "namespace": "migrate",
-                     "labels": {"app.kubernetes.io/name": "migrate-daemon"},
-                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet",
-                         "name": "migrate-daemon", "uid": "ds-1", "controller": true}]},
-        "spec": {"nodeName": node, "hostNetwork": true,
-                 "containers": [{"name": "daemon", "image": "migrate:dev"}]},
-        "status": {"phase": "Running", "podIP": "127.0.0.1"}})
+    daemon_pod(node, "127.0.0.1")
 }
 
 fn pod(ns: &str, name: &str, node: &str) -> Value {

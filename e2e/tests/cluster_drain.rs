@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use e2e::fake_apiserver::{machine_path, node_path, FakeApiServer};
+use e2e::fake_apiserver::{daemon_pod, machine_path, node_object, node_path, FakeApiServer};
 use engine::cluster::{CheckpointImages, PodPlan};
 use engine::drain::{
     choose_target, drain, DrainEvent, DrainOptions, DrainReport, Eviction, Mark, PodResult,
@@ -18,7 +18,6 @@ use engine::drain::{
 use k8s_openapi::api::core::v1::{Node, Pod};
 use serde_json::{json, Value};
 
-const DAEMON_OWNER: &str = "migrate-daemon";
 const OTHER_HOOK: &str = "pre-drain.delete.hook.machine.cluster.x-k8s.io/backup";
 
 /// The daemon part: records its calls; makes `localhost/checkpoint-<container>:<id>` images,
@@ -79,25 +78,6 @@ impl CheckpointImages for PodImages<'_> {
 
 // ----- objects ------------------------------------------------------------------------------
 
-fn node(name: &str, cpu: &str, memory: &str) -> Value {
-    json!({"apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
-        "spec": {},
-        "status": {
-            "allocatable": {"cpu": cpu, "memory": memory, "pods": "110"},
-            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}]}})
-}
-
-fn daemon(node: &str) -> Value {
-    json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": format!("migrate-daemon-{node}"), "namespace": "migrate",
-                     "labels": {"app.kubernetes.io/name": "migrate-daemon"},
-                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet",
-                         "name": DAEMON_OWNER, "uid": "ds-1", "controller": true}]},
-        "spec": {"nodeName": node, "containers": [{"name": "daemon", "image": "migrate:dev"}]},
-        "status": {"phase": "Running", "podIP": "10.0.0.1"}})
-}
-
 fn running() -> Value {
     json!({"phase": "Running", "podIP": "10.244.0.7",
         "conditions": [{"type": "Ready", "status": "True"}]})
@@ -141,13 +121,13 @@ fn client_of(server: &FakeApiServer) -> kube::Client {
 /// with a daemon (a DaemonSet Pod).
 async fn three_nodes() -> (FakeApiServer, kube::Client) {
     let server = FakeApiServer::start().await.unwrap();
-    server.seed(node("node-a", "4", "8Gi"));
-    server.seed(node("node-b", "4", "8Gi"));
-    let mut c = node("node-c", "2", "4Gi");
+    server.seed(node_object("node-a", "4", "8Gi"));
+    server.seed(node_object("node-b", "4", "8Gi"));
+    let mut c = node_object("node-c", "2", "4Gi");
     c["metadata"]["labels"]["disk"] = json!("ssd");
     server.seed(c);
     for n in ["node-a", "node-b", "node-c"] {
-        server.seed(daemon(n));
+        server.seed(daemon_pod(n, "10.0.0.1"));
     }
     let client = client_of(&server);
     (server, client)
@@ -225,9 +205,9 @@ fn labelled(mut n: Value, labels: Value) -> Value {
 #[test]
 fn target_follows_the_node_selector_and_otherwise_the_most_free_node() {
     let nodes = typed_nodes(vec![
-        node("node-a", "8", "16Gi"),
-        node("node-b", "4", "8Gi"),
-        labelled(node("node-c", "2", "4Gi"), json!({"disk": "ssd"})),
+        node_object("node-a", "8", "16Gi"),
+        node_object("node-b", "4", "8Gi"),
+        labelled(node_object("node-c", "2", "4Gi"), json!({"disk": "ssd"})),
     ]);
     let plain = typed_pod(pod("shop", "web", "node-a"));
     // node-a is the largest but is being drained; node-b has the larger free share.
@@ -278,11 +258,11 @@ fn target_follows_the_node_selector_and_otherwise_the_most_free_node() {
 fn target_respects_required_node_affinity() {
     let nodes = typed_nodes(vec![
         labelled(
-            node("node-b", "4", "8Gi"),
+            node_object("node-b", "4", "8Gi"),
             json!({"zone": "z1", "cores": "4"}),
         ),
         labelled(
-            node("node-c", "2", "4Gi"),
+            node_object("node-c", "2", "4Gi"),
             json!({"zone": "z2", "cores": "16", "gpu": "yes"}),
         ),
     ]);
@@ -343,9 +323,9 @@ fn target_respects_required_node_affinity() {
 
 #[test]
 fn target_needs_its_taints_tolerated() {
-    let mut b = node("node-b", "4", "8Gi");
+    let mut b = node_object("node-b", "4", "8Gi");
     b["spec"]["taints"] = json!([{"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}]);
-    let mut c = node("node-c", "2", "4Gi");
+    let mut c = node_object("node-c", "2", "4Gi");
     c["spec"]["taints"] = json!([{"key": "maintenance", "effect": "NoExecute"},
                                  {"key": "slow", "effect": "PreferNoSchedule"}]);
     let nodes = typed_nodes(vec![b, c]);
@@ -381,7 +361,10 @@ fn target_needs_its_taints_tolerated() {
 
 #[test]
 fn target_needs_room_for_the_requests() {
-    let nodes = typed_nodes(vec![node("node-b", "4", "8Gi"), node("node-c", "2", "4Gi")]);
+    let nodes = typed_nodes(vec![
+        node_object("node-b", "4", "8Gi"),
+        node_object("node-c", "2", "4Gi"),
+    ]);
     let mut big = pod("shop", "big", "node-a");
     big["spec"]["containers"][0]["resources"]["requests"] = json!({"cpu": "3", "memory": "1Gi"});
     let mut busy = pod("shop", "busy", "node-b");
@@ -406,19 +389,19 @@ fn target_needs_room_for_the_requests() {
 
 #[test]
 fn target_is_never_cordoned_not_ready_or_excluded() {
-    let mut cordoned = node("node-b", "4", "8Gi");
+    let mut cordoned = node_object("node-b", "4", "8Gi");
     cordoned["spec"]["unschedulable"] = json!(true);
-    let mut not_ready = node("node-c", "4", "8Gi");
+    let mut not_ready = node_object("node-c", "4", "8Gi");
     not_ready["status"]["conditions"] =
         json!([{"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown"}]);
-    let mut no_condition = node("node-d", "4", "8Gi");
+    let mut no_condition = node_object("node-d", "4", "8Gi");
     no_condition["status"]["conditions"] = json!([]);
     let nodes = typed_nodes(vec![
-        node("node-a", "4", "8Gi"),
+        node_object("node-a", "4", "8Gi"),
         cordoned,
         not_ready,
         no_condition,
-        node("node-e", "4", "8Gi"),
+        node_object("node-e", "4", "8Gi"),
     ]);
     let plain = typed_pod(pod("shop", "web", "node-a"));
     let mut exclude = draining_a();
@@ -580,7 +563,7 @@ async fn drain_cordons_then_moves_what_can_move_and_reports_the_rest() {
 #[tokio::test]
 async fn drain_of_a_cordoned_node_with_to_sends_no_cordon() {
     let (server, client) = three_nodes().await;
-    let mut a = node("node-a", "4", "8Gi");
+    let mut a = node_object("node-a", "4", "8Gi");
     a["spec"]["unschedulable"] = json!(true);
     server.seed(a); // replaces node-a
     server.seed(pod("shop", "web", "node-a"));
@@ -698,10 +681,10 @@ async fn evict_rest_evicts_what_did_not_move_and_reports_a_budget_refusal() {
 #[tokio::test]
 async fn watch_drains_an_annotated_node_and_removes_the_annotation() {
     let (server, client) = three_nodes().await;
-    let mut a = node("node-a", "4", "8Gi");
+    let mut a = node_object("node-a", "4", "8Gi");
     a["metadata"]["annotations"] = json!({"migrate.dev/drain": "true", "team": "infra"});
     server.seed(a);
-    let mut b = node("node-b", "4", "8Gi");
+    let mut b = node_object("node-b", "4", "8Gi");
     b["metadata"]["annotations"] = json!({"migrate.dev/drain": "false"});
     server.seed(b);
     server.seed(pod("shop", "web", "node-a"));
@@ -755,7 +738,7 @@ fn changes_upto(server: &FakeApiServer, n: usize) -> usize {
 #[tokio::test]
 async fn watch_removes_only_its_taint() {
     let (server, client) = three_nodes().await;
-    let mut a = node("node-a", "4", "8Gi");
+    let mut a = node_object("node-a", "4", "8Gi");
     a["spec"]["taints"] = json!([{"key": "migrate.dev/drain", "effect": "NoSchedule"},
                                  {"key": "team", "value": "infra", "effect": "PreferNoSchedule"}]);
     server.seed(a);
@@ -872,7 +855,7 @@ async fn watch_leaves_a_machine_with_only_another_hook_alone() {
 #[tokio::test]
 async fn watch_keeps_the_mark_when_pods_stay_and_does_not_retry() {
     let (server, client) = three_nodes().await;
-    let mut a = node("node-a", "4", "8Gi");
+    let mut a = node_object("node-a", "4", "8Gi");
     a["metadata"]["annotations"] = json!({"migrate.dev/drain": "true"});
     server.seed(a);
     server.seed(owned(pod("shop", "db-0", "node-a"), "StatefulSet", "db"));
