@@ -9,6 +9,7 @@
 //! - [`frame`]: the versioned, length-bounded wire format.
 //! - [`protocol`]: the sender and receiver state machines. They do no IO and take `now`
 //!   explicitly, so tests drive them over a simulated link with a fake clock.
+//! - [`source`]: what a sender reads: one file, or several read back to back as one stream.
 //! - [`tls`]: the cluster CA, node certificates and the mutual-TLS configurations.
 //! - [`quic`]: the thin quinn driver that runs the state machines over one connection.
 
@@ -19,6 +20,7 @@ pub mod id;
 pub mod ingest;
 pub mod protocol;
 pub mod quic;
+pub mod source;
 pub mod store;
 pub mod tls;
 

@@ -85,6 +85,55 @@ async fn transfer_then_repeat_sends_only_the_manifest() {
     assert_eq!(mode & 0o777, 0o600);
 }
 
+/// A stream sent from several files, received over an earlier round's output
+/// (`ReceiveOptions::reuse`): the output is the files back to back, whatever the earlier output
+/// held where the new stream has zero runs or ends, and the earlier output is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_files_as_one_stream_rebuilt_over_an_earlier_output() {
+    let lab = Lab::new();
+    let a = lab.path("a.bin");
+    write_source(&a, 5 << 20, 3);
+    // A megabyte-long zero run between two files' worth of data: whole zero chunks.
+    let b = lab.path("b.bin");
+    write_source(&b, 2 << 20, 4);
+    let mut b_bytes = vec![0u8; 1 << 20];
+    b_bytes.extend(std::fs::read(&b).unwrap());
+    std::fs::write(&b, &b_bytes).unwrap();
+    let expected = lab.path("expected.bin");
+    let mut both = std::fs::read(&a).unwrap();
+    both.extend(&b_bytes);
+    std::fs::write(&expected, &both).unwrap();
+    // The earlier output: longer than the stream and 0xee throughout, so stale bytes show.
+    let base = lab.path("base.bin");
+    std::fs::write(&base, vec![0xee; both.len() + (3 << 20)]).unwrap();
+
+    let server =
+        quic::server_endpoint(&lab.receiver, loopback(), quic::DEFAULT_IDLE_TIMEOUT).unwrap();
+    let addr = server.local_addr().unwrap();
+    let client =
+        quic::client_endpoint(&lab.sender, Some("receiver"), quic::DEFAULT_IDLE_TIMEOUT).unwrap();
+    let out = lab.path("out.bin");
+    let options = ReceiveOptions {
+        reuse: Some(base.clone()),
+        ..ReceiveOptions::default()
+    };
+    let receiving = quic::receive_file(&server, lab.store(), &out, &options);
+    let files = [&a, &b];
+    let sending = quic::send_files(&client, addr, &files, &SEND);
+    let (received, sent) = timeout(DEADLINE, async { tokio::join!(receiving, sending) })
+        .await
+        .unwrap();
+    let (received, sent) = (received.unwrap(), sent.unwrap());
+    assert_eq!(sent.input_bytes, both.len() as u64);
+    assert_eq!(received.bytes_written, both.len() as u64);
+    assert!(sent.chunks_reused > 0, "the zero run made no zero chunk");
+    assert!(
+        same_file(&expected, &out),
+        "output differs from the files back to back"
+    );
+    assert!(!base.exists(), "the earlier output was left behind");
+}
+
 /// Forwards UDP between clients and one server; while `dark` is set it drops everything.
 struct Proxy {
     addr: SocketAddr,

@@ -49,7 +49,10 @@ use crate::store::StoreError;
 use crate::tls::{NodeIdentity, TlsError};
 
 pub use receive::{receive_file, receive_file_from, ReceiveOptions, ReceiveReport};
-pub use send::{send_file, send_file_via, DialError, Dialer, SendOptions, SendReport};
+pub use send::{
+    send_file, send_file_via, send_files, send_files_via, DialError, Dialer, SendOptions,
+    SendReport,
+};
 
 /// The QUIC idle timeout used unless a caller asks otherwise.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(20);

@@ -31,6 +31,11 @@ pub struct ReceiveOptions {
     pub protocol: ReceiverConfig,
     /// How long to wait for the sender to come back after the connection drops.
     pub resume_timeout: Duration,
+    /// A file to build the output over instead of an empty one: an earlier round's output,
+    /// which holds mostly the same bytes. It is renamed to the partial output and rewritten in
+    /// place (zero runs punched as holes), so its pages are reused rather than allocated
+    /// anew; it is gone afterwards, whatever the outcome. A missing file is ignored.
+    pub reuse: Option<PathBuf>,
     /// Where to publish progress, if anywhere: the bytes of the output completed so far,
     /// whether written from a received chunk, copied from the store, or a run of zeros (never
     /// written). An approximation while the transfer runs (a resumed connection rebuilds the
@@ -44,6 +49,7 @@ impl Default for ReceiveOptions {
         ReceiveOptions {
             protocol: ReceiverConfig::default(),
             resume_timeout: Duration::from_secs(60),
+            reuse: None,
             progress: None,
         }
     }
@@ -139,6 +145,18 @@ pub async fn receive_file_from(
     let mut started: Option<Instant> = None;
     let mut lost_since: Option<(Instant, String)> = None;
     let partial = partial_path(out);
+    // Whether the partial output starts with stale bytes (an earlier round's output) rather
+    // than empty: then every zero run is punched out, not left as it is.
+    let mut overwrite = false;
+    if let Some(base) = &options.reuse {
+        match std::fs::rename(base, &partial) {
+            Ok(()) => overwrite = true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                warn!(base = %base.display(), error = %e, "cannot reuse an earlier output; building a new one")
+            }
+        }
+    }
     loop {
         let wait = lost_since
             .as_ref()
@@ -180,7 +198,16 @@ pub async fn receive_file_from(
         report.connections += 1;
         report.peer = crate::tls::peer_name(&conn).unwrap_or(addr.clone());
         info!(peer = %report.peer, %addr, "sender connected");
-        let result = session(&conn, &store, &partial, options, &wire, &mut report).await;
+        let result = session(
+            &conn,
+            &store,
+            &partial,
+            overwrite,
+            options,
+            &wire,
+            &mut report,
+        )
+        .await;
         // Chunks received so far reach their final names even if this transfer failed: the
         // next attempt, or the next transfer, will not need them again.
         let synced = {
@@ -298,6 +325,7 @@ async fn session(
     conn: &quinn::Connection,
     store: &Arc<DiskStore>,
     partial: &Path,
+    overwrite: bool,
     options: &ReceiveOptions,
     wire: &Arc<AtomicU64>,
     report: &mut ReceiveReport,
@@ -305,12 +333,13 @@ async fn session(
     let peer = report.peer.clone();
     let (mut ctrl_send, ctrl_recv) = conn.accept_bi().await.map_err(|e| classify(&peer, &e))?;
     // Truncated, whatever an earlier connection left in it: zero entries are never written,
-    // and only an empty file reads them back as zeros.
+    // and only an empty file reads them back as zeros. Unless it is an earlier round's output
+    // rebuilt in place (`overwrite`): then each zero run is punched out as it is listed.
     let out = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
-        .truncate(true)
+        .truncate(!overwrite)
         .mode(0o600)
         .open(partial)
         .map_err(|source| TransferError::Output {
@@ -341,6 +370,8 @@ async fn session(
     let mut reader = FrameReader::new(ctrl_recv, &peer);
     let mut copies = tokio::task::JoinSet::new();
     let mut lost: Option<SessionError> = None;
+    // Where the next manifest entry lies in the output (manifests come in order, from 0).
+    let mut next_offset = 0u64;
     let outcome = loop {
         // Drain the state machine: frames to send, copies to start (a bounded number of tasks,
         // each a batch), the final check.
@@ -411,14 +442,17 @@ async fn session(
                 Ok(Some(frame)) => {
                     tracing::trace!(frame = frame.name(), "recv");
                     // Zero chunks are complete as soon as they are listed: they are never written.
-                    let zeros = match &frame {
-                        Frame::Manifest { entries, .. } => {
-                            entries.iter().filter(|e| e.zero).map(|e| u64::from(e.len)).sum()
-                        }
-                        _ => 0,
+                    let (zeros, runs) = match &frame {
+                        Frame::Manifest { entries, .. } => zero_runs(entries, &mut next_offset),
+                        _ => (0, Vec::new()),
                     };
                     let has = |id: &ChunkId| store.contains(id);
                     let handled = shared.receiver.lock().expect("receiver lock").handle_frame(frame, &has, Instant::now());
+                    if handled.is_ok() && overwrite {
+                        if let Err(e) = runs.iter().try_for_each(|&(at, len)| punch_zeros(&shared.out, at, len)) {
+                            shared.fail(AbortCode::Io, format!("zeroing a run of {}: {e}", shared.out_path.display()));
+                        }
+                    }
                     if handled.is_ok() && zeros > 0 {
                         shared.advance(zeros);
                     }
@@ -639,6 +673,50 @@ fn write_at_offsets(shared: &Shared, raw: &[u8], offsets: &[u64]) -> Result<(), 
         shared.advance(raw.len() as u64);
     }
     Ok(())
+}
+
+/// The zero runs of a manifest batch whose first entry lies at `*offset`, as (offset, length)
+/// with adjacent runs merged, and their total; advances `*offset` past the batch.
+fn zero_runs(entries: &[crate::ManifestEntry], offset: &mut u64) -> (u64, Vec<(u64, u64)>) {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut total = 0;
+    for e in entries {
+        let len = u64::from(e.len);
+        if e.zero {
+            total += len;
+            match runs.last_mut() {
+                Some((at, run)) if *at + *run == *offset => *run += len,
+                _ => runs.push((*offset, len)),
+            }
+        }
+        *offset += len;
+    }
+    (total, runs)
+}
+
+/// Makes `len` bytes at `offset` of `out` read as zeros: a hole punched in place (no pages
+/// written), or zeros written where the file system cannot punch.
+fn punch_zeros(out: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use rustix::fs::{fallocate, FallocateFlags};
+    match fallocate(
+        out,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        offset,
+        len,
+    ) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::OPNOTSUPP => {
+            let zeros = vec![0u8; len.min(1 << 20) as usize];
+            let mut at = offset;
+            while at < offset + len {
+                let n = (offset + len - at).min(zeros.len() as u64) as usize;
+                out.write_all_at(&zeros[..n], at)?;
+                at += n as u64;
+            }
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Sizes the output to the stream's length: zero entries were never written, and the file was

@@ -3,11 +3,9 @@
 //! resume when the connection drops. Connections come from a [`Dialer`]: [`send_file`] dials
 //! with its own endpoint, [`send_file_via`] takes a caller's (a node daemon's) connections.
 
-use std::fs::File;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,6 +22,7 @@ use crate::chunker::Chunker;
 use crate::codec;
 use crate::frame::{AbortCode, Frame};
 use crate::protocol::{ChunkRequest, ProtocolError, Sender, SenderConfig, SenderStats};
+use crate::source::Source;
 use crate::tls::SERVER_NAME;
 use crate::{ChunkId, ManifestEntry};
 
@@ -146,6 +145,16 @@ pub async fn send_file(
     send_file_via(&EndpointDialer { endpoint, addr }, path, options).await
 }
 
+/// [`send_file`] for several files sent as one stream, back to back (see [`send_files_via`]).
+pub async fn send_files<P: AsRef<Path>>(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    paths: &[P],
+    options: &SendOptions,
+) -> Result<SendReport, TransferError> {
+    send_files_via(&EndpointDialer { endpoint, addr }, paths, options).await
+}
+
 /// Sends `path` over connections from `dialer`, dialing again to resume when a connection
 /// drops, until `resume_timeout` passes without a working one. Returns once the receiver
 /// confirmed the whole stream: every chunk verified and placed, the manifest digest equal.
@@ -158,13 +167,22 @@ pub async fn send_file_via(
     path: &Path,
     options: &SendOptions,
 ) -> Result<SendReport, TransferError> {
+    send_files_via(dialer, &[path], options).await
+}
+
+/// [`send_file_via`] for several files sent as one stream, back to back in the order given
+/// (see [`Source`]): what a pre-copy round sends, CRIU's page images as they lie. The
+/// receiver writes the stream to one output file.
+pub async fn send_files_via<P: AsRef<Path>>(
+    dialer: &dyn Dialer,
+    paths: &[P],
+    options: &SendOptions,
+) -> Result<SendReport, TransferError> {
     let started = Instant::now();
-    let source = |source| TransferError::Source {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = Arc::new(File::open(path).map_err(source)?);
-    let input_bytes = file.metadata().map_err(source)?.len();
+    let source = Arc::new(
+        Source::open(paths).map_err(|(path, source)| TransferError::Source { path, source })?,
+    );
+    let input_bytes = source.len();
     let wire = Arc::new(AtomicU64::new(0));
     let mut report = SendReport {
         input_bytes,
@@ -190,17 +208,7 @@ pub async fn send_file_via(
                 info!(peer = %peer, resumed = connected_once, "connected");
                 connected_once = true;
                 report.connections += 1;
-                let result = session(
-                    &conn,
-                    &peer,
-                    path,
-                    &file,
-                    input_bytes,
-                    options,
-                    &wire,
-                    &mut report,
-                )
-                .await;
+                let result = session(&conn, &peer, &source, options, &wire, &mut report).await;
                 let reason: &[u8] = if result.is_ok() { b"done" } else { b"failed" };
                 conn.close(0u32.into(), reason);
                 if result.is_err() {
@@ -258,9 +266,7 @@ enum Input {
 async fn session(
     conn: &quinn::Connection,
     peer: &str,
-    path: &Path,
-    file: &Arc<File>,
-    stream_len: u64,
+    source: &Arc<Source>,
     options: &SendOptions,
     wire: &Arc<AtomicU64>,
     report: &mut SendReport,
@@ -268,15 +274,15 @@ async fn session(
     let peer = peer.to_string();
     let (mut ctrl_send, ctrl_recv) = conn.open_bi().await.map_err(|e| classify(&peer, &e))?;
     let mut reader = FrameReader::new(ctrl_recv, &peer);
-    let mut sender = Sender::new(options.protocol.clone(), stream_len, Instant::now());
+    let mut sender = Sender::new(options.protocol.clone(), source.len(), Instant::now());
 
     let (input_tx, mut input_rx) = mpsc::channel(4096);
-    let chunk_path = path.to_path_buf();
+    let chunk_source = source.clone();
     std::thread::Builder::new()
         .name("chunker".into())
-        .spawn(move || chunk_file(&chunk_path, &input_tx))
+        .spawn(move || chunk_source_stream(&chunk_source, &input_tx))
         .map_err(|e| TransferError::Source {
-            path: path.to_path_buf(),
+            path: source.path_at(0).to_path_buf(),
             source: e,
         })?;
 
@@ -289,8 +295,7 @@ async fn session(
         let stream = conn.open_uni().await.map_err(|e| classify(&peer, &e))?;
         let worker = ChunkWorker {
             stream,
-            file: file.clone(),
-            path: path.to_path_buf(),
+            source: source.clone(),
             level: options.level,
             wire: wire.clone(),
             peer: peer.clone(),
@@ -311,6 +316,7 @@ async fn session(
     let mut input_open = true;
     // Source bytes this session has announced in manifest frames: the stream offset reached.
     let mut announced = 0u64;
+    let self_source = source.clone();
     let result = async {
         loop {
         while let Some(frame) = sender.poll_transmit() {
@@ -349,7 +355,7 @@ async fn session(
                             message: "the sender could not read its source file".into(),
                         });
                         break Err(SessionError::Fatal(TransferError::Source {
-                            path: path.to_path_buf(),
+                            path: self_source.path_at(announced).to_path_buf(),
                             source,
                         }));
                     }
@@ -439,17 +445,10 @@ fn take_input(
     }
 }
 
-/// Runs on its own thread: cuts the file and hands entries to the session, blocking when the
-/// session's window is full.
-fn chunk_file(path: &Path, tx: &mpsc::Sender<Input>) {
-    let file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) => {
-            let _ = tx.blocking_send(Input::Failed(e));
-            return;
-        }
-    };
-    let mut chunker = Chunker::new(file);
+/// Runs on its own thread: cuts the source and hands entries to the session, blocking when
+/// the session's window is full.
+fn chunk_source_stream(source: &Arc<Source>, tx: &mpsc::Sender<Input>) {
+    let mut chunker = Chunker::new(source.reader());
     for span in chunker.by_ref() {
         let msg = match span {
             Ok(span) => Input::Entry(span.offset, span.entry),
@@ -469,8 +468,7 @@ fn chunk_file(path: &Path, tx: &mpsc::Sender<Input>) {
 /// blocking thread, and writes it as a `Chunk` frame.
 struct ChunkWorker {
     stream: quinn::SendStream,
-    file: Arc<File>,
-    path: PathBuf,
+    source: Arc<Source>,
     level: i32,
     wire: Arc<AtomicU64>,
     peer: String,
@@ -499,18 +497,19 @@ impl ChunkWorker {
                 }
                 batch
             };
-            let (file, level) = (self.file.clone(), self.level);
+            let (source, level) = (self.source.clone(), self.level);
+            let first = batch[0].offset;
             let frames = tokio::task::spawn_blocking(move || {
                 batch
                     .into_iter()
-                    .map(|req| encode_chunk(&file, req, level))
+                    .map(|req| encode_chunk(&source, req, level))
                     .collect::<std::io::Result<Vec<Bytes>>>()
             })
             .await
             .expect("chunk encoding does not panic")
             .map_err(|source| {
                 SessionError::Fatal(TransferError::Source {
-                    path: self.path.clone(),
+                    path: self.source.path_at(first).to_path_buf(),
                     source,
                 })
             })?;
@@ -530,9 +529,9 @@ const ENCODE_BATCH: usize = 4;
 
 /// Reads and compresses one chunk into a complete `Chunk` frame. A source that changed since it
 /// was chunked is caught here rather than by the receiver.
-fn encode_chunk(file: &File, req: ChunkRequest, level: i32) -> std::io::Result<Bytes> {
+fn encode_chunk(source: &Source, req: ChunkRequest, level: i32) -> std::io::Result<Bytes> {
     let mut raw = vec![0u8; req.len as usize];
-    file.read_exact_at(&mut raw, req.offset)?;
+    source.read_exact_at(&mut raw, req.offset)?;
     if ChunkId::of(&raw) != req.id {
         return Err(std::io::Error::other(format!(
             "bytes at offset {} changed since they were chunked: the source must not be modified during a transfer",
