@@ -5,12 +5,13 @@
 //! from the checkpoint. busybox `sleep` does not retry and exits 0, so the container used to
 //! stop during the pre-copy round, the final checkpoint then failed, and the rollback had
 //! nothing to bring back. The engine now makes its checkpoints restart such sleeps
-//! (`engine::restart`) and takes the pre-copy checkpoint that ended the container as its final
-//! one. Checked here: 1. the migration succeeds, the container runs on the destination with
-//! PID 1 sleeping again, and is gone from the source; then it moves back with an explicit
-//! pre-copy round, as a container restored once before; 2. when the migration fails after
-//! that (a destination without room for the checkpoint), the rollback restores the source from
-//! the checkpoint that ended it, and it sleeps there again.
+//! (`engine::restart`), and when a pre-copy checkpoint ended the container it restores it in
+//! place from that checkpoint's kept images before the final checkpoint. Checked here: 1. the
+//! migration succeeds, the container runs on the destination with PID 1 sleeping again, and
+//! is gone from the source; then it moves back with an explicit pre-copy round, as a
+//! container restored once before; 2. when the migration fails after that (a destination
+//! without room for the checkpoint), the rollback restores the source from its final
+//! checkpoint, and it sleeps there again.
 //!
 //! Root and the lab root are required; without them this test fails saying so, it never skips.
 
@@ -132,7 +133,8 @@ fn sleep_as_pid1_is_restored_on_the_source_when_the_migration_fails() {
     let last = events.last().expect("no events");
     assert_eq!(last["event"], "failed", "{last}");
     assert_eq!(last["rolled_back"], true, "{last}");
-    // The pre-copy checkpoint had ended it: the rollback restored it from that checkpoint.
+    // The pre-copy checkpoint had ended it and it was restored in place; the final checkpoint
+    // stopped it; the rollback restored it from that one.
     wait_sleeping(&lab, a);
     let restored = lab.ok(
         a,

@@ -176,27 +176,34 @@ impl Destinations {
         conn: quinn::Connection,
     ) -> Reply {
         let store = node.store.clone();
-        let options = ReceiveOptions {
+        let mut options = ReceiveOptions {
             resume_timeout: node.config.resume_timeout,
             ..ReceiveOptions::default()
         };
         let routed = self.touch(&hello.migration_id, |inc| {
             let round = hello.round;
+            if !inc.rounds.contains_key(&round) && round != BASE_IMAGE_ROUND {
+                // The next checkpoint is mostly the last one's bytes: built over the last
+                // pre-copy round's output, it rewrites those pages instead of allocating new
+                // ones. That output is kept until then for this alone.
+                options.reuse = inc
+                    .rounds
+                    .iter()
+                    .filter(|(r, _)| **r != 0 && **r != BASE_IMAGE_ROUND)
+                    .max_by_key(|(r, _)| **r)
+                    .map(|(_, last)| last.out.clone());
+            }
             let entry = inc.rounds.entry(round).or_insert_with(|| {
                 let out = inc.dir.join(match round {
                     0 => "checkpoint.tar".to_string(),
                     BASE_IMAGE_ROUND => "base-image.tar".to_string(),
-                    _ => format!("precopy-{round}.tar"),
+                    // CRIU's page images back to back (a Podman source), or a whole archive.
+                    _ => format!("precopy-{round}.bin"),
                 });
                 let (tx, mut rx) = mpsc::channel(4);
                 let task_out = out.clone();
                 let task = tokio::spawn(async move {
-                    let report = quic::receive_file_from(&mut rx, store, &task_out, &options).await;
-                    // A pre-copy round only warms the store: its file is not needed.
-                    if round != 0 && round != BASE_IMAGE_ROUND {
-                        let _ = std::fs::remove_file(&task_out);
-                    }
-                    report
+                    quic::receive_file_from(&mut rx, store, &task_out, &options).await
                 });
                 Round {
                     conns: tx,

@@ -35,7 +35,7 @@ use crate::control::{
 };
 use crate::daemon::Node;
 use crate::restart::{self, Rewound};
-use crate::runtime::RuntimeError;
+use crate::runtime::{CheckpointStats, KeptCheckpoint, RuntimeError};
 
 /// How long to wait for the destination daemon's QUIC handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -235,6 +235,15 @@ impl Migration {
         for round in 1..=precopy {
             self.enter(Phase::Precopy, Some(round)).await;
             let started = Instant::now();
+            if !self.req.image_only {
+                if let Some(kept) = self.checkpoint_kept().await? {
+                    if let Some(report) = self.precopy_kept(round, kept).await? {
+                        self.round_done(round, &report, started).await;
+                        precopy_done = round;
+                    }
+                    continue;
+                }
+            }
             let path = dir.join(format!("precopy-{round}.tar"));
             let rewound = self.checkpoint(&path, true).await?;
             if !self.req.image_only && rewound.interrupted_any() && !self.still_runs().await? {
@@ -476,16 +485,7 @@ impl Migration {
         let runtime = self.node.runtime.clone();
         let (c, p) = (self.req.container.clone(), path.to_path_buf());
         match blocking(move || runtime.checkpoint(&c, &p, leave_running)).await {
-            Ok(outcome) => {
-                let stats = outcome.stats;
-                info!(
-                    seconds = outcome.elapsed.as_secs_f64(),
-                    criu = ?stats.map(|s| s.runtime_duration),
-                    frozen = ?stats.map(|s| s.frozen_time),
-                    pages_written = ?stats.map(|s| s.pages_written),
-                    "checkpointed"
-                );
-            }
+            Ok(outcome) => log_checkpoint(outcome.elapsed, outcome.stats, None),
             Err(e) => return Err(self.fail(format!("checkpointing on {}: {e}", self.node.name))),
         }
         // Best effort: the checkpoint exists (and the final one stopped the container); an
@@ -505,6 +505,86 @@ impl Migration {
             );
         }
         Ok(rewound)
+    }
+
+    /// A pre-copy checkpoint whose images the runtime keeps (no archive); `None` when the
+    /// runtime keeps none.
+    async fn checkpoint_kept(&self) -> Result<Option<KeptCheckpoint>, Failure> {
+        let runtime = self.node.runtime.clone();
+        let c = self.req.container.clone();
+        match blocking(move || runtime.checkpoint_kept(&c)).await {
+            Ok(Some(kept)) => {
+                log_checkpoint(kept.elapsed, kept.stats, Some(&kept.dir));
+                Ok(Some(kept))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(self.fail(format!("checkpointing on {}: {e}", self.node.name))),
+        }
+    }
+
+    /// One pre-copy round from kept images: sends the memory pages as they lie (they are
+    /// nearly all of a checkpoint, and all a pre-copy round is for), then removes the images.
+    /// When the checkpoint ended the container (CRIU resumed an interrupted sleep with `EINTR`;
+    /// see [`crate::restart`]), the container is restored in place from those images, with the
+    /// calls set to restart, and nothing is sent: `None`.
+    async fn precopy_kept(
+        &mut self,
+        round: u32,
+        kept: KeptCheckpoint,
+    ) -> Result<Option<SendReport>, Failure> {
+        let d = kept.dir.clone();
+        let rewound = match blocking(move || restart::rewind_dir(&d)).await {
+            Ok(rewound) => rewound,
+            Err(e) => {
+                warn!(error = %e, "reading the kept images for interrupted calls failed");
+                Rewound::default()
+            }
+        };
+        let outcome = if rewound.interrupted_any() && !self.still_runs().await? {
+            self.resume_after_precopy(round, &rewound)
+                .await
+                .map(|()| None)
+        } else {
+            self.send_files(round, &kept.pages).await.map(Some)
+        };
+        if let Err(e) = std::fs::remove_dir_all(&kept.dir) {
+            warn!(error = %e, images = %kept.dir.display(), "removing the kept checkpoint images failed");
+        }
+        outcome
+    }
+
+    /// The container stopped right after pre-copy checkpoint `round`, whose kept images hold
+    /// the calls CRIU interrupted (`rewound`, already set to restart): restores it in place
+    /// from them, so it runs on from that checkpoint. Fails when a call cannot restart.
+    async fn resume_after_precopy(&self, round: u32, rewound: &Rewound) -> Result<(), Failure> {
+        let what = restart::list(&[&rewound.rewound[..], &rewound.left[..]].concat());
+        if !rewound.left.is_empty() {
+            return Err(self.fail(format!(
+                "the container stopped on {} right after pre-copy checkpoint {round}: CRIU \
+                 interrupted {what} and resumed the calls failing with EINTR (a CRIU \
+                 limitation), and it ended on that; {} cannot be restarted",
+                self.node.name,
+                restart::list(&rewound.left)
+            )));
+        }
+        warn!(
+            round,
+            threads = %what,
+            "the container stopped after the pre-copy checkpoint: CRIU resumed these calls with \
+             EINTR and it ended; restoring it in place from that checkpoint, the calls set to \
+             restart"
+        );
+        let runtime = self.node.runtime.clone();
+        let c = self.req.container.clone();
+        blocking(move || runtime.restore_kept(&c))
+            .await
+            .map_err(|e| {
+                self.fail(format!(
+                    "the container stopped on {} right after pre-copy checkpoint {round} (CRIU \
+                 interrupted {what}), and restoring it in place from that checkpoint failed: {e}",
+                    self.node.name
+                ))
+            })
     }
 
     /// Whether the source container still runs (after a pre-copy checkpoint).
@@ -552,7 +632,19 @@ impl Migration {
 
     /// Sends one round's archive over its own transfer connection(s).
     async fn send(&mut self, round: u32, path: &Path) -> Result<SendReport, Failure> {
-        let total = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        self.send_files(round, &[path]).await
+    }
+
+    /// Sends files as one round's stream, back to back (see [`transport::source::Source`]).
+    async fn send_files<P: AsRef<Path>>(
+        &mut self,
+        round: u32,
+        paths: &[P],
+    ) -> Result<SendReport, Failure> {
+        let total = paths
+            .iter()
+            .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+            .sum();
         let progress = Arc::new(AtomicU64::new(0));
         let options = SendOptions {
             level: self.node.config.level,
@@ -584,7 +676,7 @@ impl Migration {
                 let _ = events.send(Event::Progress { phase, done, total }).await;
             }
         });
-        let result = quic::send_file_via(&dialer, path, &options).await;
+        let result = quic::send_files_via(&dialer, paths, &options).await;
         ticker.abort();
         let report = result.map_err(|e| {
             self.fail(format!(
@@ -733,6 +825,18 @@ impl Migration {
             let _ = std::fs::remove_dir_all(self.node.work.join(&self.id));
         }
     }
+}
+
+/// Logs a checkpoint's timings (and where its images were kept, when they were).
+fn log_checkpoint(elapsed: Duration, stats: Option<CheckpointStats>, kept: Option<&Path>) {
+    info!(
+        seconds = elapsed.as_secs_f64(),
+        criu = ?stats.map(|s| s.runtime_duration),
+        frozen = ?stats.map(|s| s.frozen_time),
+        pages_written = ?stats.map(|s| s.pages_written),
+        images_kept = ?kept,
+        "checkpointed"
+    );
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {

@@ -155,19 +155,64 @@ pub fn rewind_archive(path: &Path) -> io::Result<Rewound> {
         let mut image = vec![0; size as usize];
         file.seek(SeekFrom::Start(offset))?;
         file.read_exact(&mut image)?;
-        match rewind_core(&mut image) {
-            Ok(Some(Outcome::Rewound(syscall))) => {
-                file.seek(SeekFrom::Start(offset))?;
-                file.write_all(&image)?;
-                report.rewound.push(Interrupted { tid, syscall });
-            }
-            Ok(Some(Outcome::Left(syscall))) => report.left.push(Interrupted { tid, syscall }),
-            Ok(None) => {}
-            Err(reason) => warn!(tid, reason, "a core image did not parse; left as it is"),
+        if rewind_one(tid, &mut image, &mut report) {
+            file.seek(SeekFrom::Start(offset))?;
+            file.write_all(&image)?;
         }
     }
     file.flush()?;
     Ok(report)
+}
+
+/// [`rewind_archive`] for a CRIU images folder (as a runtime keeps it, see
+/// [`crate::runtime::Runtime::checkpoint_kept`]): rewrites its `core-TID.img` files in place.
+pub fn rewind_dir(dir: &Path) -> io::Result<Rewound> {
+    let mut report = Rewound::default();
+    let mut cores = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if !entry.file_type()?.is_file() {
+            continue;
+        }
+        let name = entry.file_name();
+        if let Some(tid) = core_tid(&Path::new("checkpoint").join(&name)) {
+            cores.push((tid, entry.path()));
+        }
+    }
+    cores.sort();
+    for (tid, path) in cores {
+        let size = std::fs::metadata(&path)?.len();
+        if size > MAX_CORE_BYTES {
+            warn!(tid, size, "a core image too large to be one; left as it is");
+            continue;
+        }
+        let mut image = std::fs::read(&path)?;
+        if rewind_one(tid, &mut image, &mut report) {
+            let mut file = OpenOptions::new().write(true).open(&path)?;
+            file.write_all(&image)?;
+            file.flush()?;
+        }
+    }
+    Ok(report)
+}
+
+/// Rewinds one core image into `report`; whether its bytes changed.
+fn rewind_one(tid: u32, image: &mut [u8], report: &mut Rewound) -> bool {
+    match rewind_core(image) {
+        Ok(Some(Outcome::Rewound(syscall))) => {
+            report.rewound.push(Interrupted { tid, syscall });
+            true
+        }
+        Ok(Some(Outcome::Left(syscall))) => {
+            report.left.push(Interrupted { tid, syscall });
+            false
+        }
+        Ok(None) => false,
+        Err(reason) => {
+            warn!(tid, reason, "a core image did not parse; left as it is");
+            false
+        }
+    }
 }
 
 /// The `TID` of an archive entry `checkpoint/core-TID.img`.
@@ -559,6 +604,35 @@ mod tests {
         // Once rewound, nothing is left to do.
         let again = rewind_archive(&path).unwrap();
         assert!(again.rewound.is_empty());
+    }
+
+    #[test]
+    fn an_images_folder_is_repaired_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let sleeping = core(1, EINTR_RETURN, 35, 0x4a_e3f7, None);
+        let running = core(1, 0, u64::MAX, 0x40_1000, None);
+        std::fs::write(dir.path().join("core-1.img"), &sleeping).unwrap();
+        std::fs::write(dir.path().join("core-3.img"), &running).unwrap();
+        std::fs::write(dir.path().join("pages-1.img"), [0xaa; 100]).unwrap();
+        std::fs::create_dir(dir.path().join("core-5.img")).unwrap();
+
+        let report = rewind_dir(dir.path()).unwrap();
+        assert_eq!(
+            report.rewound,
+            [Interrupted {
+                tid: 1,
+                syscall: 35
+            }]
+        );
+        assert!(report.left.is_empty());
+        let repaired = std::fs::read(dir.path().join("core-1.img")).unwrap();
+        assert_eq!(repaired.len(), sleeping.len());
+        assert_eq!(regs(&repaired), (35, 35, 0x4a_e3f5, 0x4a_e3f7));
+        assert_eq!(
+            std::fs::read(dir.path().join("core-3.img")).unwrap(),
+            running
+        );
+        assert!(rewind_dir(dir.path()).unwrap().rewound.is_empty());
     }
 
     #[test]

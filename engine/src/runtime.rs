@@ -65,6 +65,20 @@ pub struct CheckpointOutcome {
     pub stats: Option<CheckpointStats>,
 }
 
+/// A checkpoint whose CRIU images the runtime kept in its own folder for the container,
+/// without an archive ([`Runtime::checkpoint_kept`]).
+#[derive(Debug, Clone)]
+pub struct KeptCheckpoint {
+    /// The images folder (as the runtime's host sees it; private to root, 0700).
+    pub dir: PathBuf,
+    /// Its memory page images (`pages-N.img`), in the order of N: nearly all of its bytes.
+    pub pages: Vec<PathBuf>,
+    /// Wall-clock time of the whole call, seen from here.
+    pub elapsed: Duration,
+    /// The runtime's own timings and page counts, when it reports them.
+    pub stats: Option<CheckpointStats>,
+}
+
 /// Checkpoint statistics as reported by podman `--print-stats` (from CRIU).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CheckpointStats {
@@ -205,6 +219,25 @@ pub trait Runtime: Send + Sync + fmt::Debug {
         leave_running: bool,
     ) -> Result<CheckpointOutcome, RuntimeError>;
 
+    /// A pre-copy checkpoint without an archive: checkpoints `container` with it left running
+    /// and keeps CRIU's images where the runtime keeps them for the container. A pre-copy
+    /// round only needs the memory pages to warm the destination's chunk store; an archive
+    /// (Podman's export: a tar of every image, written to disk) costs seconds per GiB. The
+    /// caller removes [`KeptCheckpoint::dir`] once it has sent the pages. `Ok(None)`: this
+    /// runtime keeps no images (use [`Runtime::checkpoint`] with `leave_running`).
+    fn checkpoint_kept(&self, _container: &str) -> Result<Option<KeptCheckpoint>, RuntimeError> {
+        Ok(None)
+    }
+
+    /// Restores `container`, which stopped after [`Runtime::checkpoint_kept`], in place from
+    /// the images that call kept (`podman container restore --keep`).
+    fn restore_kept(&self, _container: &str) -> Result<(), RuntimeError> {
+        Err(RuntimeError::Unsupported {
+            operation: "restore a container from kept checkpoint images",
+            runtime: self.describe(),
+        })
+    }
+
     /// Loads an image (an `engine::image` checkpoint image as an OCI archive or OCI layout
     /// directory, or an image archive from [`Runtime::save_image`]) into the node's image
     /// store; returns the reference it was loaded under.
@@ -318,25 +351,11 @@ impl Runtime for Podman {
     ) -> Result<CheckpointOutcome, RuntimeError> {
         let mut export = OsString::from("--export=");
         export.push(out);
-        let mut args: Vec<&OsStr> = [
-            "container",
-            "checkpoint",
-            "--compress=none",
-            "--print-stats",
-        ]
-        .map(OsStr::new)
-        .to_vec();
-        args.push(&export);
+        let mut options = vec![OsStr::new("--compress=none"), export.as_os_str()];
         if leave_running {
-            args.push(OsStr::new("--leave-running"));
+            options.push(OsStr::new("--leave-running"));
         }
-        if self.tcp_established {
-            args.push(OsStr::new("--tcp-established"));
-        }
-        args.extend([OsStr::new("--"), OsStr::new(container)]);
-        let started = Instant::now();
-        let stdout = self.run(&args, Subject::Container(container))?;
-        let elapsed = started.elapsed();
+        let (stdout, elapsed) = self.run_checkpoint(container, &options)?;
         let (container_id, stats) = match parse_stats(&stdout) {
             Some((id, stats)) => (id, Some(stats)),
             None => (container.to_string(), None),
@@ -348,6 +367,36 @@ impl Runtime for Podman {
             elapsed,
             stats,
         })
+    }
+
+    fn checkpoint_kept(&self, container: &str) -> Result<Option<KeptCheckpoint>, RuntimeError> {
+        let (stdout, elapsed) =
+            self.run_checkpoint(container, &["--keep", "--leave-running"].map(OsStr::new))?;
+        let stats = parse_stats(&stdout).map(|(_, stats)| stats);
+        // podman keeps the images in the container's static folder, `checkpoint/`.
+        let dir = self.inspect(container, "{{.StaticDir}}", "a folder", |out| {
+            (!out.is_empty()).then(|| Path::new(out).join("checkpoint"))
+        })?;
+        let pages = page_images(&dir).map_err(|e| RuntimeError::UnexpectedOutput {
+            command: format!("listing {}", dir.display()),
+            what: "CRIU's page images (pages-N.img)",
+            output: e.to_string(),
+        })?;
+        Ok(Some(KeptCheckpoint {
+            dir,
+            pages,
+            elapsed,
+            stats,
+        }))
+    }
+
+    fn restore_kept(&self, container: &str) -> Result<(), RuntimeError> {
+        let mut args: Vec<&OsStr> = ["container", "restore", "--keep"].map(OsStr::new).to_vec();
+        if self.tcp_established {
+            args.push(OsStr::new("--tcp-established"));
+        }
+        args.extend([OsStr::new("--"), OsStr::new(container)]);
+        self.run(&args, Subject::Container(container)).map(drop)
     }
 
     fn import_image(&self, oci_archive: &Path) -> Result<String, RuntimeError> {
@@ -556,6 +605,26 @@ impl Podman {
             what,
             output: bounded(&stdout),
         })
+    }
+
+    /// `podman container checkpoint --print-stats OPTIONS... [--tcp-established] -- CONTAINER`;
+    /// its stdout (the statistics) and how long it took.
+    fn run_checkpoint(
+        &self,
+        container: &str,
+        options: &[&OsStr],
+    ) -> Result<(String, Duration), RuntimeError> {
+        let mut args: Vec<&OsStr> = ["container", "checkpoint", "--print-stats"]
+            .map(OsStr::new)
+            .to_vec();
+        args.extend_from_slice(options);
+        if self.tcp_established {
+            args.push(OsStr::new("--tcp-established"));
+        }
+        args.extend([OsStr::new("--"), OsStr::new(container)]);
+        let started = Instant::now();
+        let stdout = self.run(&args, Subject::Container(container))?;
+        Ok((stdout, started.elapsed()))
     }
 
     /// `podman container inspect IDS...`, parsed.
@@ -842,6 +911,33 @@ struct CriuStats {
 }
 
 /// The container ID and statistics of a checkpoint's `--print-stats` output, if readable.
+/// The `pages-N.img` files of a CRIU images folder, ordered by N; an error if there are none.
+fn page_images(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut pages = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(n) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("pages-")?.strip_suffix(".img"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if entry.file_type()?.is_file() {
+            pages.push((n, entry.path()));
+        }
+    }
+    if pages.is_empty() {
+        return Err(std::io::Error::other(format!(
+            "no pages-N.img in {}",
+            dir.display()
+        )));
+    }
+    pages.sort();
+    Ok(pages.into_iter().map(|(_, p)| p).collect())
+}
+
 fn parse_stats(stdout: &str) -> Option<(String, CheckpointStats)> {
     let printed: PrintedStats = serde_json::from_str(stdout.trim()).ok()?;
     let c = printed.container_statistics.into_iter().next()?;
@@ -862,6 +958,29 @@ fn parse_stats(stdout: &str) -> Option<(String, CheckpointStats)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn page_images_are_ordered_by_number_and_required() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "pages-10.img",
+            "pages-2.img",
+            "pagemap-1.img",
+            "core-1.img",
+            "pages-x.img",
+        ] {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        let pages = page_images(dir.path()).unwrap();
+        let names: Vec<_> = pages
+            .iter()
+            .map(|p| p.file_name().unwrap().to_str().unwrap().to_string())
+            .collect();
+        assert_eq!(names, ["pages-2.img", "pages-10.img"]);
+        let empty = tempfile::tempdir().unwrap();
+        let err = page_images(empty.path()).unwrap_err();
+        assert!(err.to_string().contains("no pages-N.img"), "{err}");
+    }
 
     #[test]
     fn memory_usage_is_read_from_podman_stats_json() {
