@@ -540,12 +540,18 @@ impl Migration {
                 Rewound::default()
             }
         };
-        let outcome = if rewound.interrupted_any() && !self.still_runs().await? {
-            self.resume_after_precopy(round, &rewound)
+        // The images are removed whatever happens here: they hold the container's memory.
+        let ended = match rewound.interrupted_any() {
+            true => self.still_runs().await.map(|runs| !runs),
+            false => Ok(false),
+        };
+        let outcome = match ended {
+            Ok(true) => self
+                .resume_after_precopy(round, &rewound)
                 .await
-                .map(|()| None)
-        } else {
-            self.send_files(round, &kept.pages).await.map(Some)
+                .map(|()| None),
+            Ok(false) => self.send_files(round, &kept.pages).await.map(Some),
+            Err(f) => Err(f),
         };
         if let Err(e) = std::fs::remove_dir_all(&kept.dir) {
             warn!(error = %e, images = %kept.dir.display(), "removing the kept checkpoint images failed");
