@@ -441,7 +441,8 @@ async fn session(
             frame = reader.next() => match frame {
                 Ok(Some(frame)) => {
                     tracing::trace!(frame = frame.name(), "recv");
-                    // Zero chunks are complete as soon as they are listed: they are never written.
+                    // Zero chunks are complete as soon as they are listed: they are never written
+                    // (over an earlier output, their runs are punched out as holes).
                     let (zeros, runs) = match &frame {
                         Frame::Manifest { entries, .. } => zero_runs(entries, &mut next_offset),
                         _ => (0, Vec::new()),
@@ -720,7 +721,8 @@ fn punch_zeros(out: &File, offset: u64, len: u64) -> std::io::Result<()> {
 }
 
 /// Sizes the output to the stream's length: zero entries were never written, and the file was
-/// created empty, so they read back as zeros. Nothing is read back: every byte written was
+/// created empty (or they were punched out of an earlier output), so they read back as zeros;
+/// an earlier output longer than the stream is cut. Nothing is read back: every byte written was
 /// verified on its way in.
 fn size_output(shared: &Shared) -> Result<(), TransferError> {
     let total = shared
