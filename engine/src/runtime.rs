@@ -391,11 +391,7 @@ impl Runtime for Podman {
     }
 
     fn restore_kept(&self, container: &str) -> Result<(), RuntimeError> {
-        let mut args: Vec<&OsStr> = ["container", "restore", "--keep"].map(OsStr::new).to_vec();
-        if self.tcp_established {
-            args.push(OsStr::new("--tcp-established"));
-        }
-        args.extend([OsStr::new("--"), OsStr::new(container)]);
+        let args = self.restore_args(&[OsStr::new("--keep")], Some(OsStr::new(container)));
         self.run(&args, Subject::Container(container)).map(drop)
     }
 
@@ -417,14 +413,11 @@ impl Runtime for Podman {
     }
 
     fn restore(&self, image_ref: &str, name: Option<&str>) -> Result<String, RuntimeError> {
-        let mut args: Vec<&OsStr> = vec![OsStr::new("container"), OsStr::new("restore")];
+        let mut options = Vec::new();
         if let Some(name) = name {
-            args.extend([OsStr::new("--name"), OsStr::new(name)]);
+            options.extend([OsStr::new("--name"), OsStr::new(name)]);
         }
-        if self.tcp_established {
-            args.push(OsStr::new("--tcp-established"));
-        }
-        args.extend([OsStr::new("--"), OsStr::new(image_ref)]);
+        let args = self.restore_args(&options, Some(OsStr::new(image_ref)));
         let stdout = self.run(&args, Subject::Image(image_ref))?;
         self.container_id(&args, &stdout)
     }
@@ -432,11 +425,7 @@ impl Runtime for Podman {
     fn restore_in_place(&self, archive: &Path) -> Result<String, RuntimeError> {
         let mut import = OsString::from("--import=");
         import.push(archive);
-        let mut args: Vec<&OsStr> = vec![OsStr::new("container"), OsStr::new("restore")];
-        args.push(&import);
-        if self.tcp_established {
-            args.push(OsStr::new("--tcp-established"));
-        }
+        let args = self.restore_args(&[&import], None);
         let stdout = self.run(&args, Subject::None)?;
         self.container_id(&args, &stdout)
     }
@@ -625,6 +614,19 @@ impl Podman {
         let started = Instant::now();
         let stdout = self.run(&args, Subject::Container(container))?;
         Ok((stdout, started.elapsed()))
+    }
+
+    /// `container restore OPTIONS... [--tcp-established] [-- TARGET]`: the words of a restore.
+    fn restore_args<'a>(&self, options: &[&'a OsStr], target: Option<&'a OsStr>) -> Vec<&'a OsStr> {
+        let mut args: Vec<&OsStr> = vec![OsStr::new("container"), OsStr::new("restore")];
+        args.extend_from_slice(options);
+        if self.tcp_established {
+            args.push(OsStr::new("--tcp-established"));
+        }
+        if let Some(target) = target {
+            args.extend([OsStr::new("--"), target]);
+        }
+        args
     }
 
     /// `podman container inspect IDS...`, parsed.
@@ -910,7 +912,6 @@ struct CriuStats {
     pages_written: u64,
 }
 
-/// The container ID and statistics of a checkpoint's `--print-stats` output, if readable.
 /// The `pages-N.img` files of a CRIU images folder, ordered by N; an error if there are none.
 fn page_images(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut pages = Vec::new();
@@ -938,6 +939,7 @@ fn page_images(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(pages.into_iter().map(|(_, p)| p).collect())
 }
 
+/// The container ID and statistics of a checkpoint's `--print-stats` output, if readable.
 fn parse_stats(stdout: &str) -> Option<(String, CheckpointStats)> {
     let printed: PrintedStats = serde_json::from_str(stdout.trim()).ok()?;
     let c = printed.container_statistics.into_iter().next()?;
