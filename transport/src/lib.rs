@@ -10,6 +10,7 @@
 //! - [`protocol`]: the sender and receiver state machines. They do no IO and take `now`
 //!   explicitly, so tests drive them over a simulated link with a fake clock.
 //! - [`source`]: what a sender reads: one file, or several read back to back as one stream.
+//! - [`sink`]: what a receiver writes: the output, with some ranges in files of their own.
 //! - [`tls`]: the cluster CA, node certificates and the mutual-TLS configurations.
 //! - [`quic`]: the thin quinn driver that runs the state machines over one connection.
 
@@ -20,6 +21,7 @@ pub mod id;
 pub mod ingest;
 pub mod protocol;
 pub mod quic;
+pub mod sink;
 pub mod source;
 pub mod store;
 pub mod tls;

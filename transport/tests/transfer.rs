@@ -107,23 +107,12 @@ async fn several_files_as_one_stream_rebuilt_over_an_earlier_output() {
     let base = lab.path("base.bin");
     std::fs::write(&base, vec![0xee; both.len() + (3 << 20)]).unwrap();
 
-    let server =
-        quic::server_endpoint(&lab.receiver, loopback(), quic::DEFAULT_IDLE_TIMEOUT).unwrap();
-    let addr = server.local_addr().unwrap();
-    let client =
-        quic::client_endpoint(&lab.sender, Some("receiver"), quic::DEFAULT_IDLE_TIMEOUT).unwrap();
     let out = lab.path("out.bin");
     let options = ReceiveOptions {
         reuse: Some(base.clone()),
         ..ReceiveOptions::default()
     };
-    let receiving = quic::receive_file(&server, lab.store(), &out, &options);
-    let files = [&a, &b];
-    let sending = quic::send_files(&client, addr, &files, &SEND);
-    let (received, sent) = timeout(DEADLINE, async { tokio::join!(receiving, sending) })
-        .await
-        .unwrap();
-    let (received, sent) = (received.unwrap(), sent.unwrap());
+    let (received, sent) = send_files_to(&lab, &[&a, &b], &out, &options).await;
     assert_eq!(sent.input_bytes, both.len() as u64);
     assert_eq!(received.bytes_written, both.len() as u64);
     assert!(sent.chunks_reused > 0, "the zero run made no zero chunk");
@@ -132,6 +121,70 @@ async fn several_files_as_one_stream_rebuilt_over_an_earlier_output() {
         "output differs from the files back to back"
     );
     assert!(!base.exists(), "the earlier output was left behind");
+}
+
+/// Sends `files` as one stream over loopback QUIC to a receiver writing `out` with `options`;
+/// both reports, once both sides succeeded.
+async fn send_files_to(
+    lab: &Lab,
+    files: &[&std::path::PathBuf],
+    out: &Path,
+    options: &ReceiveOptions,
+) -> (quic::ReceiveReport, quic::SendReport) {
+    let server =
+        quic::server_endpoint(&lab.receiver, loopback(), quic::DEFAULT_IDLE_TIMEOUT).unwrap();
+    let addr = server.local_addr().unwrap();
+    let client =
+        quic::client_endpoint(&lab.sender, Some("receiver"), quic::DEFAULT_IDLE_TIMEOUT).unwrap();
+    let receiving = quic::receive_file(&server, lab.store(), out, options);
+    let sending = quic::send_files(&client, addr, files, &SEND);
+    let (received, sent) = timeout(DEADLINE, async { tokio::join!(receiving, sending) })
+        .await
+        .unwrap();
+    (received.unwrap(), sent.unwrap())
+}
+
+/// The destination's restore path: a range of the stream (here the second file, after its zero
+/// run) goes to a file of its own, built over a stale earlier file, and the output keeps a hole
+/// there.
+#[tokio::test]
+async fn a_range_of_the_stream_written_to_its_own_file() {
+    let lab = Lab::new();
+    let (a, b) = (lab.path("a.bin"), lab.path("b.bin"));
+    write_source(&a, 3 << 20, 5);
+    write_source(&b, 4 << 20, 6);
+    let (a_bytes, b_bytes) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    let stale = lab.path("stale.bin");
+    std::fs::write(&stale, vec![0xee; b_bytes.len() + 4096]).unwrap();
+
+    let (out, piece) = (lab.path("out.bin"), lab.path("piece.bin"));
+    let options = ReceiveOptions {
+        pieces: vec![quic::Piece {
+            offset: a_bytes.len() as u64,
+            len: b_bytes.len() as u64,
+            path: piece.clone(),
+            reuse: Some(stale.clone()),
+        }],
+        ..ReceiveOptions::default()
+    };
+    let (received, _) = send_files_to(&lab, &[&a, &b], &out, &options).await;
+    let total = (a_bytes.len() + b_bytes.len()) as u64;
+    assert_eq!(received.bytes_written, total);
+    assert!(
+        std::fs::read(&piece).unwrap() == b_bytes,
+        "the piece is not the second file"
+    );
+    let output = std::fs::read(&out).unwrap();
+    assert_eq!(output.len() as u64, total);
+    assert!(
+        output[..a_bytes.len()] == a_bytes[..],
+        "the output lost the first file"
+    );
+    assert!(
+        output[a_bytes.len()..].iter().all(|&b| b == 0),
+        "the piece's range of the output is not a hole"
+    );
+    assert!(!stale.exists(), "the stale file was left behind");
 }
 
 /// Forwards UDP between clients and one server; while `dark` is set it drops everything.

@@ -48,6 +48,7 @@ use crate::protocol::ProtocolError;
 use crate::store::StoreError;
 use crate::tls::{NodeIdentity, TlsError};
 
+pub use crate::sink::Piece;
 pub use receive::{receive_file, receive_file_from, ReceiveOptions, ReceiveReport};
 pub use send::{
     send_file, send_file_via, send_files, send_files_via, DialError, Dialer, SendOptions,

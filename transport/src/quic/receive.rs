@@ -7,8 +7,6 @@
 //! [`receive_file`] feeds it from its endpoint, [`receive_file_from`] takes a caller's (a node
 //! daemon's).
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,6 +19,7 @@ use super::{classify, sleep_until, write_frame, FrameReader, SessionError, Trans
 use crate::codec::{self, Encoded, Encoding};
 use crate::frame::{AbortCode, Frame};
 use crate::protocol::{ProtocolError, Receiver, ReceiverConfig, StoreCopy};
+use crate::sink::{Layout, Piece, Sink};
 use crate::store::{DiskStore, StoreError};
 use crate::ChunkId;
 
@@ -36,6 +35,9 @@ pub struct ReceiveOptions {
     /// place (zero runs punched as holes), so its pages are reused rather than allocated
     /// anew; it is gone afterwards, whatever the outcome. A missing file is ignored.
     pub reuse: Option<PathBuf>,
+    /// Ranges of the stream written to files of their own rather than the output, where they
+    /// are left as holes (see [`crate::sink`]): in stream order, not overlapping.
+    pub pieces: Vec<Piece>,
     /// Where to publish progress, if anywhere: the bytes of the output completed so far,
     /// whether written from a received chunk, copied from the store, or a run of zeros (never
     /// written). An approximation while the transfer runs (a resumed connection rebuilds the
@@ -50,6 +52,7 @@ impl Default for ReceiveOptions {
             protocol: ReceiverConfig::default(),
             resume_timeout: Duration::from_secs(60),
             reuse: None,
+            pieces: Vec::new(),
             progress: None,
         }
     }
@@ -58,7 +61,7 @@ impl Default for ReceiveOptions {
 /// What a transfer delivered.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ReceiveReport {
-    /// Bytes of the output file.
+    /// Bytes of the stream (the output file's length; its pieces, if any, are holes in it).
     pub bytes_written: u64,
     /// Chunks in the stream.
     pub chunks: u64,
@@ -144,19 +147,7 @@ pub async fn receive_file_from(
     let wire = Arc::new(AtomicU64::new(0));
     let mut started: Option<Instant> = None;
     let mut lost_since: Option<(Instant, String)> = None;
-    let partial = partial_path(out);
-    // Whether the partial output starts with stale bytes (an earlier round's output) rather
-    // than empty: then every zero run is punched out, not left as it is.
-    let mut overwrite = false;
-    if let Some(base) = &options.reuse {
-        match std::fs::rename(base, &partial) {
-            Ok(()) => overwrite = true,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                warn!(base = %base.display(), error = %e, "cannot reuse an earlier output; building a new one")
-            }
-        }
-    }
+    let layout = Arc::new(Layout::new(out, options.reuse.as_deref(), &options.pieces)?);
     loop {
         let wait = lost_since
             .as_ref()
@@ -167,7 +158,7 @@ pub async fn receive_file_from(
                 Ok(next) => next,
                 Err(_) => {
                     let (_, last) = lost_since.take().expect("waiting only after a loss");
-                    let _ = std::fs::remove_file(&partial);
+                    layout.discard();
                     return Err(TransferError::Lost {
                         addr: report.peer.clone(),
                         waited: options.resume_timeout,
@@ -177,7 +168,7 @@ pub async fn receive_file_from(
             },
         };
         let Some(conn) = next else {
-            let _ = std::fs::remove_file(&partial);
+            layout.discard();
             let closed = "no more connections can come (the endpoint or the connection channel \
                           was closed)";
             return Err(match lost_since {
@@ -198,16 +189,7 @@ pub async fn receive_file_from(
         report.connections += 1;
         report.peer = crate::tls::peer_name(&conn).unwrap_or(addr.clone());
         info!(peer = %report.peer, %addr, "sender connected");
-        let result = session(
-            &conn,
-            &store,
-            &partial,
-            overwrite,
-            options,
-            &wire,
-            &mut report,
-        )
-        .await;
+        let result = session(&conn, &store, &layout, options, &wire, &mut report).await;
         // Chunks received so far reach their final names even if this transfer failed: the
         // next attempt, or the next transfer, will not need them again.
         let synced = {
@@ -219,10 +201,7 @@ pub async fn receive_file_from(
         match result {
             Ok(()) => {
                 synced?;
-                std::fs::rename(&partial, out).map_err(|source| TransferError::Output {
-                    path: out.to_path_buf(),
-                    source,
-                })?;
+                layout.commit()?;
                 report.wire_bytes = wire.load(Ordering::Relaxed);
                 report.seconds = started.map_or(0.0, |s| s.elapsed().as_secs_f64());
                 if let Some(progress) = &options.progress {
@@ -242,22 +221,11 @@ pub async fn receive_file_from(
             Err(SessionError::Fatal(e)) => {
                 let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
                 conn.close(1u32.into(), b"failed");
-                let _ = std::fs::remove_file(&partial);
+                layout.discard();
                 return Err(e);
             }
         }
     }
-}
-
-/// Where the output is assembled until it is complete and checked: never a half-written file
-/// under the final name.
-fn partial_path(out: &Path) -> PathBuf {
-    let mut name = out
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    name.push(".partial");
-    out.with_file_name(name)
 }
 
 /// Applies the store's size cap now that nothing is in flight.
@@ -291,8 +259,8 @@ struct Shared {
     storing: std::sync::Mutex<usize>,
     stored: std::sync::Condvar,
     store: Arc<DiskStore>,
-    out: Arc<File>,
-    out_path: PathBuf,
+    /// The output and its pieces.
+    sink: Sink,
     wire: Arc<AtomicU64>,
     /// Bounds the pack commits running beside the transfer.
     commit_slots: Arc<tokio::sync::Semaphore>,
@@ -324,28 +292,16 @@ impl Shared {
 async fn session(
     conn: &quinn::Connection,
     store: &Arc<DiskStore>,
-    partial: &Path,
-    overwrite: bool,
+    layout: &Arc<Layout>,
     options: &ReceiveOptions,
     wire: &Arc<AtomicU64>,
     report: &mut ReceiveReport,
 ) -> Result<(), SessionError> {
     let peer = report.peer.clone();
     let (mut ctrl_send, ctrl_recv) = conn.accept_bi().await.map_err(|e| classify(&peer, &e))?;
-    // Truncated, whatever an earlier connection left in it: zero entries are never written,
-    // and only an empty file reads them back as zeros. Unless it is an earlier round's output
-    // rebuilt in place (`overwrite`): then each zero run is punched out as it is listed.
-    let out = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(!overwrite)
-        .mode(0o600)
-        .open(partial)
-        .map_err(|source| TransferError::Output {
-            path: partial.to_path_buf(),
-            source,
-        })?;
+    // Truncated, whatever an earlier connection left in them, unless built over an earlier
+    // file: then each zero run is punched out as it is listed.
+    let sink = layout.open()?;
     let shared = Arc::new(Shared {
         receiver: Mutex::new(Receiver::new(options.protocol.clone(), Instant::now())),
         wake: Notify::new(),
@@ -354,8 +310,7 @@ async fn session(
         storing: std::sync::Mutex::new(0),
         stored: std::sync::Condvar::new(),
         store: store.clone(),
-        out: Arc::new(out),
-        out_path: partial.to_path_buf(),
+        sink,
         wire: wire.clone(),
         commit_slots: Arc::new(tokio::sync::Semaphore::new(COMMIT_TASKS)),
         completed: AtomicU64::new(0),
@@ -449,9 +404,9 @@ async fn session(
                     };
                     let has = |id: &ChunkId| store.contains(id);
                     let handled = shared.receiver.lock().expect("receiver lock").handle_frame(frame, &has, Instant::now());
-                    if handled.is_ok() && overwrite {
-                        if let Err(e) = runs.iter().try_for_each(|&(at, len)| punch_zeros(&shared.out, at, len)) {
-                            shared.fail(AbortCode::Io, format!("zeroing a run of {}: {e}", shared.out_path.display()));
+                    if handled.is_ok() {
+                        if let Err(e) = runs.iter().try_for_each(|&(at, len)| shared.sink.zeros(at, len)) {
+                            shared.fail(AbortCode::Io, format!("zeroing a run: {e}"));
                         }
                     }
                     if handled.is_ok() && zeros > 0 {
@@ -504,7 +459,8 @@ async fn session(
     report.chunks_received = stats.chunks_received;
     report.chunks_reused = stats.chunks_reused;
     if outcome.is_ok() {
-        report.bytes_written = shared.out.metadata().map(|m| m.len()).unwrap_or(0);
+        let r = shared.receiver.lock().expect("receiver lock");
+        report.bytes_written = r.total_len().unwrap_or(0);
     }
     outcome
 }
@@ -639,7 +595,7 @@ fn store_abort_code(e: &StoreError) -> AbortCode {
 /// corrupt record reads as missing (and leaves the index, so the next transfer fetches it).
 fn copy_from_store(shared: &Shared, copy: StoreCopy) -> Result<(), TransferError> {
     let output_error = |message: String| TransferError::Output {
-        path: shared.out_path.clone(),
+        path: shared.sink.partial_output().to_path_buf(),
         source: std::io::Error::other(message),
     };
     let raw = shared.store.get(&copy.id)?.ok_or_else(|| {
@@ -663,13 +619,7 @@ fn copy_from_store(shared: &Shared, copy: StoreCopy) -> Result<(), TransferError
 
 fn write_at_offsets(shared: &Shared, raw: &[u8], offsets: &[u64]) -> Result<(), TransferError> {
     for &off in offsets {
-        shared
-            .out
-            .write_all_at(raw, off)
-            .map_err(|source| TransferError::Output {
-                path: shared.out_path.clone(),
-                source,
-            })?;
+        shared.sink.write_all_at(raw, off)?;
         shared.written.fetch_add(raw.len() as u64, Ordering::AcqRel);
         shared.advance(raw.len() as u64);
     }
@@ -695,35 +645,10 @@ fn zero_runs(entries: &[crate::ManifestEntry], offset: &mut u64) -> (u64, Vec<(u
     (total, runs)
 }
 
-/// Makes `len` bytes at `offset` of `out` read as zeros: a hole punched in place (no pages
-/// written), or zeros written where the file system cannot punch.
-fn punch_zeros(out: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    use rustix::fs::{fallocate, FallocateFlags};
-    match fallocate(
-        out,
-        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
-        offset,
-        len,
-    ) {
-        Ok(()) => Ok(()),
-        Err(e) if e == rustix::io::Errno::OPNOTSUPP => {
-            let zeros = vec![0u8; len.min(1 << 20) as usize];
-            let mut at = offset;
-            while at < offset + len {
-                let n = (offset + len - at).min(zeros.len() as u64) as usize;
-                out.write_all_at(&zeros[..n], at)?;
-                at += n as u64;
-            }
-            Ok(())
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Sizes the output to the stream's length: zero entries were never written, and the file was
-/// created empty (or they were punched out of an earlier output), so they read back as zeros;
-/// an earlier output longer than the stream is cut. Nothing is read back: every byte written was
-/// verified on its way in.
+/// Sizes the output and its pieces to the stream: zero entries were never written, and the
+/// files were created empty (or the runs punched out of an earlier file), so they read back as
+/// zeros; an earlier file longer than its part is cut. Nothing is read back: every byte written
+/// was verified on its way in.
 fn size_output(shared: &Shared) -> Result<(), TransferError> {
     let total = shared
         .receiver
@@ -731,11 +656,5 @@ fn size_output(shared: &Shared) -> Result<(), TransferError> {
         .expect("receiver lock")
         .total_len()
         .unwrap_or(0);
-    shared
-        .out
-        .set_len(total)
-        .map_err(|source| TransferError::Output {
-            path: shared.out_path.clone(),
-            source,
-        })
+    shared.sink.finish(total)
 }
