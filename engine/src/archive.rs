@@ -178,6 +178,8 @@ pub struct EntryInfo<'a> {
     pub mtime: u64,
     /// For links, the target as written.
     pub link_target: Option<&'a str>,
+    /// Where the entry's data starts in the archive, in bytes.
+    pub offset: u64,
 }
 
 /// What a validated archive holds.
@@ -236,7 +238,7 @@ pub fn scan<R: Read>(
             continue;
         };
         let path = info.path.clone();
-        let entry_info = info.as_info();
+        let entry_info = info.as_info(entry.raw_file_position());
         let mut counted = CountingRead {
             inner: &mut entry,
             n: 0,
@@ -331,7 +333,11 @@ pub fn extract(
 }
 
 /// Writes one validated entry under `root`.
-fn write_entry(root: &Path, info: &EntryInfo<'_>, data: &mut dyn Read) -> io::Result<()> {
+pub(crate) fn write_entry(
+    root: &Path,
+    info: &EntryInfo<'_>,
+    data: &mut dyn Read,
+) -> io::Result<()> {
     let dest = make_parents(root, info.path)?;
     match info.kind {
         EntryKind::Dir => match fs::symlink_metadata(&dest) {
@@ -420,7 +426,7 @@ struct Checked {
 }
 
 impl Checked {
-    fn as_info(&self) -> EntryInfo<'_> {
+    fn as_info(&self, offset: u64) -> EntryInfo<'_> {
         EntryInfo {
             path: &self.path,
             kind: self.kind,
@@ -428,6 +434,7 @@ impl Checked {
             mode: self.mode,
             mtime: self.mtime,
             link_target: self.target.as_deref(),
+            offset,
         }
     }
 }

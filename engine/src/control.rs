@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::pages::PageImage;
 use crate::runtime::ListedContainer;
 
 /// The largest control message, in bytes: requests and events are small.
@@ -173,6 +174,11 @@ pub struct TransferHello {
     /// Round number: 1..=N for pre-copy rounds, 0 for the final checkpoint,
     /// [`BASE_IMAGE_ROUND`] for the base image.
     pub round: u32,
+    /// Where the final round's archive holds its page images, for a destination that restores
+    /// it straight from the archive: it receives them as files of their own (see
+    /// [`crate::pages`]). Empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pages: Vec<PageImage>,
 }
 
 /// One step of the destination's work on the final round.

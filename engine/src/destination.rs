@@ -24,6 +24,7 @@ use crate::control::{
 use crate::daemon::Node;
 use crate::image::{self, ImageOptions};
 use crate::inspect;
+use crate::pages::{self, PageImage};
 use crate::runtime::RuntimeError;
 
 /// An incoming migration with no request for this long is aborted.
@@ -55,7 +56,12 @@ struct Round {
     conns: mpsc::Sender<quinn::Connection>,
     task: Option<JoinHandle<Result<ReceiveReport, TransferError>>>,
     out: PathBuf,
+    /// The page images received as files of their own, into [`IMAGES_FOLDER`] (final round).
+    pages: Vec<PageImage>,
 }
+
+/// Where, in a migration's work folder, the final round's page images are received.
+const IMAGES_FOLDER: &str = "images";
 
 fn ok(detail: serde_json::Value) -> Reply {
     Reply::Ok { detail }
@@ -180,7 +186,7 @@ impl Destinations {
             resume_timeout: node.config.resume_timeout,
             ..ReceiveOptions::default()
         };
-        let routed = self.touch(&hello.migration_id, |inc| {
+        let routed: Option<Result<bool, String>> = self.touch(&hello.migration_id, |inc| {
             let round = hello.round;
             if !inc.rounds.contains_key(&round) && round != BASE_IMAGE_ROUND {
                 // The next checkpoint is mostly the last one's bytes: built over the last
@@ -192,6 +198,15 @@ impl Destinations {
                     .filter(|(r, _)| **r != 0 && **r != BASE_IMAGE_ROUND)
                     .max_by_key(|(r, _)| **r)
                     .map(|(_, last)| last.out.clone());
+                // The final archive's page images go straight to files CRIU restores from
+                // (the first built over the last pre-copy round's pages).
+                if round == 0 && !hello.pages.is_empty() {
+                    let folder = inc.dir.join(IMAGES_FOLDER);
+                    options.pieces = pages::pieces(&hello.pages, &folder, options.reuse.take())
+                        .map_err(|e| {
+                            format!("the page images the source named were refused: {e}")
+                        })?;
+                }
             }
             let entry = inc.rounds.entry(round).or_insert_with(|| {
                 let out = inc.dir.join(match round {
@@ -209,21 +224,23 @@ impl Destinations {
                     conns: tx,
                     task: Some(task),
                     out,
+                    pages: hello.pages.clone(),
                 }
             });
-            entry.conns.try_send(conn).is_ok()
+            Ok(entry.conns.try_send(conn).is_ok())
         });
         match routed {
+            Some(Err(e)) => error(e),
             None => error(format!(
                 "no migration {} on {}: it was never prepared, was aborted, or the daemon \
                  restarted",
                 hello.migration_id, node.name
             )),
-            Some(false) => error(format!(
+            Some(Ok(false)) => error(format!(
                 "round {} of migration {} is finished or not accepting connections",
                 hello.round, hello.migration_id
             )),
-            Some(true) => ok(serde_json::Value::Null),
+            Some(Ok(true)) => ok(serde_json::Value::Null),
         }
     }
 
@@ -388,9 +405,17 @@ impl Destinations {
 
     /// Validates the final round's archive (the same checks as for an image: no absolute
     /// paths, no `..`, no escaping links, bounded sizes, the right container) and restores the
-    /// container straight from it, then deletes it.
+    /// container straight from it, then deletes it. When its page images came as files of
+    /// their own, Podman imports a small archive that links to them instead (see
+    /// [`crate::pages`]).
     pub async fn restore_archive(&self, node: &Arc<Node>, req: StepRequest) -> Reply {
         let started = std::time::Instant::now();
+        let images = self
+            .touch(&req.migration_id, |inc| {
+                let pages = inc.rounds.get(&0).map(|r| r.pages.clone());
+                (pages.unwrap_or_default(), inc.dir.join(IMAGES_FOLDER))
+            })
+            .unwrap_or_default();
         let (_, archive) = match self.finished_round(node, &req.migration_id, 0).await {
             Ok(r) => r,
             Err(reply) => return reply,
@@ -399,6 +424,8 @@ impl Destinations {
         let runtime = node.runtime.clone();
         let container = req.container.clone();
         let a = archive.clone();
+        let import = archive.with_file_name("import.tar");
+        let (i, (pages, folder)) = (import.clone(), images.clone());
         let id = req.migration_id.clone();
         let restored = blocking(move || -> Result<String, String> {
             let checking = std::time::Instant::now();
@@ -410,22 +437,34 @@ impl Destinations {
                     info.container_name
                 ));
             }
+            let import = match pages.is_empty() {
+                true => a.clone(),
+                false => {
+                    pages::assemble(&a, &pages, &folder, &i, &Limits::default())
+                        .map_err(|e| format!("the checkpoint archive was refused: {e}"))?;
+                    i
+                }
+            };
             let checked = checking.elapsed();
             let restoring = std::time::Instant::now();
             let restored = runtime
-                .restore_in_place(&a)
+                .restore_in_place(&import)
                 .map_err(|e| format!("restoring: {e}"));
             info!(
                 migration_id = %id,
                 received_ms = received.as_millis() as u64,
                 checked_ms = checked.as_millis() as u64,
+                page_images_as_files = pages.len(),
                 restored_ms = restoring.elapsed().as_millis() as u64,
                 "restore: waited for the final round, checked the archive, restored"
             );
             restored
         })
         .await;
+        // The restored container needs none of them: they only hold its memory.
         let _ = std::fs::remove_file(&archive);
+        let _ = std::fs::remove_file(&import);
+        let _ = std::fs::remove_dir_all(&images.1);
         self.record_restore(node, &req, restored).await
     }
 

@@ -8,6 +8,7 @@
 //! [`control`] with the CLI and other daemons, runs the source side of a migration
 //! ([`migration`]) and the destination side ([`destination`]). [`restart`] makes a checkpoint's
 //! sleeps that CRIU interrupted restart when restored, instead of failing with `EINTR`.
+//! [`pages`] has the final round's page images received as files, so a restore never untars them.
 //!
 //! On Kubernetes: [`kubelet`] is the client of the kubelet's checkpoint API, [`crio`] the
 //! runtime seam of a CRI-O node built on it (checkpoints through the kubelet, images through
@@ -29,6 +30,7 @@ pub mod inspect;
 pub mod kubelet;
 pub mod lab;
 pub mod migration;
+pub mod pages;
 pub mod pod;
 pub mod restart;
 pub mod runtime;

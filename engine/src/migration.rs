@@ -34,6 +34,7 @@ use crate::control::{
     TransferHello, BASE_IMAGE_ROUND, KNOWS_CONTAINER,
 };
 use crate::daemon::Node;
+use crate::pages::{self, PageImage};
 use crate::restart::{self, Rewound};
 use crate::runtime::{CheckpointStats, KeptCheckpoint, RuntimeError};
 
@@ -282,7 +283,8 @@ impl Migration {
 
         self.enter(Phase::Transfer, None).await;
         let started = Instant::now();
-        let report = self.send(0, &path).await?;
+        let pages = self.page_images(&path).await;
+        let report = self.send_files(0, &[&path], pages).await?;
         self.round_done(0, &report, started).await;
 
         let step = StepRequest {
@@ -550,7 +552,10 @@ impl Migration {
                 .resume_after_precopy(round, &rewound)
                 .await
                 .map(|()| None),
-            Ok(false) => self.send_files(round, &kept.pages).await.map(Some),
+            Ok(false) => self
+                .send_files(round, &kept.pages, Vec::new())
+                .await
+                .map(Some),
             Err(f) => Err(f),
         };
         if let Err(e) = std::fs::remove_dir_all(&kept.dir) {
@@ -636,16 +641,35 @@ impl Migration {
         )))
     }
 
-    /// Sends one round's archive over its own transfer connection(s).
-    async fn send(&mut self, round: u32, path: &Path) -> Result<SendReport, Failure> {
-        self.send_files(round, &[path]).await
+    /// Where the final archive at `path` holds its page images, when the destination restores
+    /// straight from it and can take them as files (see [`crate::pages`]); none otherwise, or
+    /// when the archive cannot be read here (it is the destination's to refuse).
+    async fn page_images(&self, path: &Path) -> Vec<PageImage> {
+        if self.req.image_only || self.req.via_image {
+            return Vec::new();
+        }
+        let p = path.to_path_buf();
+        match blocking(move || pages::locate(&p)).await {
+            Ok(images) => images,
+            Err(e) => {
+                warn!(error = %e, "locating the page images in the checkpoint failed; the destination untars them");
+                Vec::new()
+            }
+        }
     }
 
-    /// Sends files as one round's stream, back to back (see [`transport::source::Source`]).
+    /// Sends one round's archive over its own transfer connection(s).
+    async fn send(&mut self, round: u32, path: &Path) -> Result<SendReport, Failure> {
+        self.send_files(round, &[path], Vec::new()).await
+    }
+
+    /// Sends files as one round's stream, back to back (see [`transport::source::Source`]),
+    /// telling the destination where the stream holds `pages`.
     async fn send_files<P: AsRef<Path>>(
         &mut self,
         round: u32,
         paths: &[P],
+        pages: Vec<PageImage>,
     ) -> Result<SendReport, Failure> {
         let total = paths
             .iter()
@@ -670,6 +694,7 @@ impl Migration {
             hello: TransferHello {
                 migration_id: self.id.clone(),
                 round,
+                pages,
             },
         };
         let phase = self.phase;
