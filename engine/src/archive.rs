@@ -205,9 +205,9 @@ pub fn validate(reader: impl Read, limits: &Limits) -> Result<ArchiveSummary, Ar
     scan(reader, limits, |_, _| Ok(()))
 }
 
-/// [`validate`] on a file.
+/// [`validate`] on a file, skipping entries' data rather than reading it (see [`scan_file`]).
 pub fn validate_file(path: &Path, limits: &Limits) -> Result<ArchiveSummary, ArchiveError> {
-    validate(open(path)?, limits)
+    scan_file(path, limits, |_, _| Ok(()))
 }
 
 /// Opens an archive file for [`scan`], buffered.
@@ -225,11 +225,40 @@ pub fn open(path: &Path) -> Result<BufReader<File>, ArchiveError> {
 pub fn scan<R: Read>(
     reader: R,
     limits: &Limits,
-    mut visit: impl FnMut(&EntryInfo<'_>, &mut dyn Read) -> io::Result<()>,
+    visit: impl FnMut(&EntryInfo<'_>, &mut dyn Read) -> io::Result<()>,
 ) -> Result<ArchiveSummary, ArchiveError> {
     let mut archive = tar::Archive::new(Counting::new(reader));
     let mut checker = Checker::new(*limits);
     let entries = archive.entries().map_err(ArchiveError::Io)?;
+    let index = walk(entries, &mut checker, true, visit)?;
+    finish(archive.into_inner(), checker, index)
+}
+
+/// [`scan`] of the archive file at `path`, except that the data the visitor leaves unread is
+/// skipped by seeking, never read: most of a checkpoint is page images nobody needs to read
+/// here, and an archive received with its page images as files of their own (see
+/// [`crate::pages`]) holds holes there, which would cost fresh memory to read. A file cut
+/// short is still refused: its end-of-archive marker is missing.
+pub fn scan_file(
+    path: &Path,
+    limits: &Limits,
+    visit: impl FnMut(&EntryInfo<'_>, &mut dyn Read) -> io::Result<()>,
+) -> Result<ArchiveSummary, ArchiveError> {
+    let mut archive = tar::Archive::new(Counting::new(open(path)?));
+    let mut checker = Checker::new(*limits);
+    let entries = archive.entries_with_seek().map_err(ArchiveError::Io)?;
+    let index = walk(entries, &mut checker, false, visit)?;
+    finish(archive.into_inner(), checker, index)
+}
+
+/// Checks and visits every entry; the number of entries. With `drain`, the data a visitor
+/// leaves unread is read to its end, and an entry whose data ends early is refused.
+fn walk<R: Read>(
+    entries: tar::Entries<'_, Counting<R>>,
+    checker: &mut Checker,
+    drain: bool,
+    mut visit: impl FnMut(&EntryInfo<'_>, &mut dyn Read) -> io::Result<()>,
+) -> Result<u64, ArchiveError> {
     let mut index = 0u64;
     for entry in entries {
         let mut entry = entry.map_err(|e| read_error(e, index, None))?;
@@ -243,11 +272,13 @@ pub fn scan<R: Read>(
             inner: &mut entry,
             n: 0,
         };
-        let result = visit(&entry_info, &mut counted)
-            .and_then(|()| io::copy(&mut counted, &mut io::sink()).map(drop));
+        let result = visit(&entry_info, &mut counted).and_then(|()| match drain {
+            true => io::copy(&mut counted, &mut io::sink()).map(drop),
+            false => Ok(()),
+        });
         let read = counted.n;
         result.map_err(|e| read_error(e, index, Some(&path)))?;
-        if read != entry_info.size {
+        if drain && read != entry_info.size {
             return Err(ArchiveError::Truncated {
                 context: format!(
                     "entry {path:?} holds {read} of its {} bytes",
@@ -257,7 +288,15 @@ pub fn scan<R: Read>(
         }
         index += 1;
     }
-    let counting = archive.into_inner();
+    Ok(index)
+}
+
+/// The end-of-archive checks, once every entry was walked.
+fn finish<R>(
+    counting: Counting<R>,
+    checker: Checker,
+    index: u64,
+) -> Result<ArchiveSummary, ArchiveError> {
     if counting.eof {
         return Err(ArchiveError::Truncated {
             context: format!("no end-of-archive marker after {index} entries"),
@@ -693,6 +732,14 @@ impl<R> Counting<R> {
             n: 0,
             eof: false,
         }
+    }
+}
+
+/// Seeking skips: the position becomes the count.
+impl<R: io::Seek> io::Seek for Counting<R> {
+    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
+        self.n = self.inner.seek(pos)?;
+        Ok(self.n)
     }
 }
 

@@ -94,17 +94,26 @@ pub struct CheckpointInfo {
 
 /// Inspects the archive file at `path`.
 pub fn inspect_file(path: &Path, limits: &Limits) -> Result<CheckpointInfo, InspectError> {
-    let file = archive::open(path)?;
-    let size = file.get_ref().metadata().map_err(ArchiveError::Io)?.len();
-    let mut info = inspect(file, limits)?;
+    let size = std::fs::metadata(path).map_err(ArchiveError::Io)?.len();
+    let mut info = inspect_with(|visit| archive::scan_file(path, limits, visit))?;
     info.archive_bytes = size;
     Ok(info)
 }
 
 /// Inspects an archive read from `reader`; `archive_bytes` is what was read of it.
 pub fn inspect(reader: impl Read, limits: &Limits) -> Result<CheckpointInfo, InspectError> {
+    inspect_with(|visit| archive::scan(reader, limits, visit))
+}
+
+/// What a visitor of [`archive::scan`] is handed.
+type Visit<'v> = &'v mut dyn FnMut(&EntryInfo<'_>, &mut dyn Read) -> io::Result<()>;
+
+/// Inspects the archive that `scan` walks with the visitor it is given.
+fn inspect_with(
+    scan: impl FnOnce(Visit<'_>) -> Result<archive::ArchiveSummary, ArchiveError>,
+) -> Result<CheckpointInfo, InspectError> {
     let mut found = Found::default();
-    let summary = archive::scan(reader, limits, |entry, data| found.visit(entry, data))?;
+    let summary = scan(&mut |entry, data| found.visit(entry, data))?;
     if let Some((file, size)) = found.too_large {
         return Err(InspectError::MetadataTooLarge {
             file,

@@ -180,7 +180,7 @@ pub fn assemble(
     let mut builder = tar::Builder::new(io::BufWriter::new(out));
     let mut seen = vec![false; images.len()];
     let mut misplaced = None;
-    let scanned = archive::scan(archive::open(archive_path)?, limits, |info, data| {
+    let scanned = archive::scan_file(archive_path, limits, |info, data| {
         let Some(rest) = info.path.strip_prefix(IMAGES) else {
             return copy_entry(&mut builder, info, data);
         };

@@ -102,8 +102,24 @@ fn with(extra: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
     end(b)
 }
 
+/// Validates `bytes` read as a stream, and as a file whose unread data is skipped by seeking;
+/// the two must agree (the same summary, or the same kind of refusal).
 fn check(bytes: &[u8]) -> Result<archive::ArchiveSummary, ArchiveError> {
-    archive::validate(bytes, &Limits::default())
+    let streamed = archive::validate(bytes, &Limits::default());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("checkpoint.tar");
+    std::fs::write(&path, bytes).unwrap();
+    let from_file = archive::validate_file(&path, &Limits::default());
+    match (&streamed, &from_file) {
+        (Ok(a), Ok(b)) => assert_eq!(a, b),
+        (Err(a), Err(b)) => assert_eq!(
+            std::mem::discriminant(a),
+            std::mem::discriminant(b),
+            "streamed: {a}; from the file: {b}"
+        ),
+        _ => panic!("streamed: {streamed:?}; from the file: {from_file:?}"),
+    }
+    streamed
 }
 
 #[test]
