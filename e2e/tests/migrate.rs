@@ -75,6 +75,10 @@ fn counter_continues_on_the_destination() {
     let s = summary(&events);
     assert_eq!(s["container"], "counter");
     assert_eq!(s["precopy_rounds"], 1, "pre-copy is on by default");
+    assert_eq!(
+        s["archive_made_here"], true,
+        "Podman exported the archive: {s}"
+    );
     let phases: Vec<&str> = events
         .iter()
         .filter(|e| e["event"] == "phase")
@@ -143,6 +147,8 @@ fn nginx_serves_its_file_from_the_destination() {
     let lab = Lab::up("n");
     let (a, b) = (&lab.a, &lab.b);
     start_nginx_with_note(&lab, a, "written-before-migration");
+    // A deletion travels too (as `deleted.files`).
+    lab.ok(a, &["podman", "exec", "web", "rm", "/usr/bin/yes"]);
     let fetch = |from: &str, host: &str| lab.fetch_note(from, host);
     let addr_a = lab.address(a);
     wait_for("nginx on the source", Duration::from_secs(20), || {
@@ -151,7 +157,11 @@ fn nginx_serves_its_file_from_the_destination() {
     // Through the OCI checkpoint image, the way a Kubernetes node restores.
     let (ok, events) = lab.migrate("web", a, b, &["--via-image"]);
     assert!(ok, "migration failed");
-    summary(&events);
+    let s = summary(&events);
+    assert_eq!(
+        s["archive_made_here"], true,
+        "Podman exported the archive: {s}"
+    );
     assert!(
         events
             .iter()
@@ -167,6 +177,22 @@ fn nginx_serves_its_file_from_the_destination() {
     let (code, page) = fetch(a, &addr_b);
     assert_eq!(code, 0, "nginx on {b} does not answer {a}");
     assert_eq!(page.trim(), "written-before-migration");
+    let gone = lab.ok(
+        b,
+        &[
+            "podman",
+            "exec",
+            "web",
+            "sh",
+            "-c",
+            "test -e /usr/bin/yes; echo $?",
+        ],
+    );
+    assert_eq!(
+        gone.trim(),
+        "1",
+        "a file deleted before the migration is back on {b}"
+    );
     assert_ne!(fetch(b, &addr_a).0, 0, "nginx still answers on {a}");
 }
 

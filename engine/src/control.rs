@@ -339,6 +339,10 @@ pub struct Summary {
     /// The checkpoint image on the destination, for an `image_only` migration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// Whether the final archive was laid out here from the images the runtime kept (see
+    /// [`crate::podman_archive`]) rather than exported by the runtime.
+    #[serde(default)]
+    pub archive_made_here: bool,
 }
 
 /// Writes one message.

@@ -9,6 +9,8 @@
 //! ([`migration`]) and the destination side ([`destination`]). [`restart`] makes a checkpoint's
 //! sleeps that CRIU interrupted restart when restored, instead of failing with `EINTR`.
 //! [`pages`] has the final round's page images received as files, so a restore never untars them.
+//! [`podman_archive`] makes the archive Podman's export would write from a checkpoint taken
+//! without one, and [`tar_files`] streams it from the files where its members lie.
 //!
 //! On Kubernetes: [`kubelet`] is the client of the kubelet's checkpoint API, [`crio`] the
 //! runtime seam of a CRI-O node built on it (checkpoints through the kubelet, images through
@@ -32,5 +34,7 @@ pub mod lab;
 pub mod migration;
 pub mod pages;
 pub mod pod;
+pub mod podman_archive;
 pub mod restart;
 pub mod runtime;
+pub mod tar_files;

@@ -35,8 +35,10 @@ use crate::control::{
 };
 use crate::daemon::Node;
 use crate::pages::{self, PageImage};
+use crate::podman_archive;
 use crate::restart::{self, Rewound};
 use crate::runtime::{CheckpointStats, KeptCheckpoint, RuntimeError};
+use crate::tar_files::{self, Layout};
 
 /// How long to wait for the destination daemon's QUIC handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -60,6 +62,17 @@ pub fn new_id(container: &str) -> String {
     format!("{name}-{:08x}", fastrand::u32(..))
 }
 
+/// The CRIU images of a final checkpoint the runtime kept (see
+/// [`crate::runtime::Runtime::checkpoint_stopped`]).
+#[derive(Debug, Clone)]
+struct KeptImages {
+    /// Where they are now: moved into the work folder, so they outlive the container's removal
+    /// (its chunks are kept in this node's store afterwards), or still `home`.
+    images: PathBuf,
+    /// Where the runtime keeps them, and restores the container from.
+    home: PathBuf,
+}
+
 /// A failure: the phase and what to tell the user.
 struct Failure {
     phase: Phase,
@@ -80,6 +93,7 @@ pub async fn run(node: Arc<Node>, id: String, req: MigrateRequest, events: mpsc:
         dest: None,
         stopped: false,
         archive: None,
+        kept: None,
         wire_total: 0,
         keep_dir: false,
     };
@@ -127,8 +141,10 @@ struct Migration {
     /// Whether the final checkpoint stopped the source container (or a pre-copy checkpoint
     /// did, and became the final one).
     stopped: bool,
-    /// The final checkpoint archive.
+    /// The final checkpoint archive, when the runtime exported one.
     archive: Option<PathBuf>,
+    /// The final checkpoint's images, when the runtime kept them and the archive is made here.
+    kept: Option<KeptImages>,
     wire_total: u64,
     /// The work folder must stay: a background task still reads it, or it holds the only
     /// copy of a container that could not be restored.
@@ -263,28 +279,34 @@ impl Migration {
         // The final checkpoint: the container freezes and stops here (on Kubernetes it keeps
         // running until its Pod is replaced). Unless a pre-copy checkpoint stopped it already.
         self.enter(Phase::Checkpoint, None).await;
-        let (path, downtime_started) = match (self.archive.clone(), ended_at) {
-            (Some(path), Some(ended_at)) => (path, ended_at),
+        let (files, pages, downtime_started) = match (self.archive.clone(), ended_at) {
+            (Some(path), Some(ended_at)) => {
+                let pages = self.page_images(&path).await;
+                (vec![path], pages, ended_at)
+            }
             _ => {
                 let downtime_started = Instant::now();
-                let path = dir.join("checkpoint.tar");
-                let rewound = self.checkpoint(&path, self.req.image_only).await?;
-                self.stopped = !self.req.image_only;
-                self.archive = Some(path.clone());
-                if !rewound.left.is_empty() {
-                    warn!(
-                        threads = %restart::list(&rewound.left),
-                        "CRIU interrupted calls it cannot restart: restored, they fail with EINTR"
-                    );
+                if let Some(layout) = self.checkpoint_stopped(&dir).await? {
+                    let pages = match self.req.via_image {
+                        true => Vec::new(),
+                        false => layout.pages,
+                    };
+                    (layout.files, pages, downtime_started)
+                } else {
+                    let path = dir.join("checkpoint.tar");
+                    let rewound = self.checkpoint(&path, self.req.image_only).await?;
+                    self.stopped = !self.req.image_only;
+                    self.archive = Some(path.clone());
+                    log_left(&rewound.left);
+                    let pages = self.page_images(&path).await;
+                    (vec![path], pages, downtime_started)
                 }
-                (path, downtime_started)
             }
         };
 
         self.enter(Phase::Transfer, None).await;
         let started = Instant::now();
-        let pages = self.page_images(&path).await;
-        let report = self.send_files(0, &[&path], pages).await?;
+        let report = self.send_files(0, &files, pages).await?;
         self.round_done(0, &report, started).await;
 
         let step = StepRequest {
@@ -296,7 +318,7 @@ impl Migration {
             let assembled = self.call(Request::Assemble(step)).await?;
             let image = assembled["image"].as_str().map(str::to_string);
             return Ok(self
-                .image_only_summary(&path, report, precopy_done, image)
+                .image_only_summary(files, report, precopy_done, image)
                 .await);
         }
         let restored = if self.req.via_image {
@@ -323,16 +345,20 @@ impl Migration {
         {
             warn!(error = %f.message, "the destination could not clean up its checkpoint files");
         }
+        // Taken here, before the summary goes out: a migration coming straight back waits
+        // for these chunks (see `Node::ingesting`).
+        let held = self.node.ingesting.clone().lock_owned().await;
+        let kept = self.keep_chunks(files, held);
+        if self.kept.as_ref().is_some_and(|k| k.images == k.home) {
+            // The images are still the container's: they go with it.
+            let _ = kept.await;
+        }
         let runtime = self.node.runtime.clone();
         let c = container.clone();
         if let Err(e) = blocking(move || runtime.remove_container(&c)).await {
             warn!(error = %e, "removing the stopped source container failed; remove it by hand");
         }
         self.stopped = false;
-        // Taken here, before the summary goes out: a migration coming straight back waits
-        // for these chunks (see `Node::ingesting`).
-        let held = self.node.ingesting.clone().lock_owned().await;
-        self.keep_chunks(&path, held);
         // This node's store holds the container's chunks, under its ID here and there (a
         // restore through an image gives it a new one).
         if let Some(id) = &container_id {
@@ -401,13 +427,13 @@ impl Migration {
     /// that will name it; the source still runs, and its chunks are kept here.
     async fn image_only_summary(
         &mut self,
-        path: &Path,
+        files: Vec<PathBuf>,
         report: SendReport,
         precopy: u32,
         image: Option<String>,
     ) -> Summary {
         let held = self.node.ingesting.clone().lock_owned().await;
-        self.keep_chunks(path, held);
+        self.keep_chunks(files, held);
         // Nothing was stopped: the Pod that replaces the source decides the switch-over.
         self.summary(&report, precopy, 0.0, image)
     }
@@ -434,6 +460,7 @@ impl Migration {
             downtime_seconds,
             phases: self.phases.clone(),
             image,
+            archive_made_here: self.kept.is_some(),
         }
     }
 
@@ -500,12 +527,7 @@ impl Migration {
                 Rewound::default()
             }
         };
-        if !rewound.rewound.is_empty() {
-            info!(
-                threads = %restart::list(&rewound.rewound),
-                "CRIU interrupted these calls; the checkpoint restarts them"
-            );
-        }
+        log_rewound(&rewound.rewound);
         Ok(rewound)
     }
 
@@ -596,6 +618,70 @@ impl Migration {
                     self.node.name
                 ))
             })
+    }
+
+    /// The final checkpoint with no archive written (see
+    /// [`crate::runtime::Runtime::checkpoint_stopped`]): the container stops, its images move
+    /// into the work folder `dir`, and the archive is laid out from them and the runtime's
+    /// other files as a list of files ([`crate::tar_files`]). `None` when the runtime cannot
+    /// (nothing was stopped).
+    async fn checkpoint_stopped(&mut self, dir: &Path) -> Result<Option<Layout>, Failure> {
+        if self.req.image_only {
+            return Ok(None);
+        }
+        let made = dir.join("archive");
+        let runtime = self.node.runtime.clone();
+        let (c, m) = (self.req.container.clone(), made.clone());
+        let checkpoint = blocking(move || {
+            podman_archive::private_dir(&m).map_err(|e| RuntimeError::Local {
+                message: e.to_string(),
+            })?;
+            runtime.checkpoint_stopped(&c, &m)
+        })
+        .await;
+        let stopped = match checkpoint {
+            Ok(Some(stopped)) => stopped,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(self.fail(format!("checkpointing on {}: {e}", self.node.name))),
+        };
+        log_checkpoint(
+            stopped.kept.elapsed,
+            stopped.kept.stats,
+            Some(&stopped.kept.dir),
+        );
+        self.stopped = true;
+        // Moved, not copied (one file system): the container's removal would take them.
+        let home = stopped.kept.dir;
+        let moved = dir.join("images");
+        let images = match std::fs::rename(&home, &moved) {
+            Ok(()) => moved,
+            Err(e) => {
+                warn!(error = %e, images = %home.display(), "the checkpoint images stay where the runtime keeps them");
+                home.clone()
+            }
+        };
+        self.kept = Some(KeptImages {
+            images: images.clone(),
+            home,
+        });
+        let glue = dir.join("glue");
+        let laid_out = blocking(move || -> Result<(Rewound, Layout), String> {
+            let rewound = restart::rewind_dir(&images).unwrap_or_else(|e| {
+                warn!(error = %e, "reading the checkpoint for interrupted calls failed; sent as it is");
+                Rewound::default()
+            });
+            let members = podman_archive::members(stopped.made, &images).map_err(|e| e.to_string())?;
+            podman_archive::private_dir(&glue).map_err(|e| e.to_string())?;
+            let layout = tar_files::lay_out(&members, &glue)
+                .map_err(|e| format!("writing the archive's headers into {}: {e}", glue.display()))?;
+            Ok((rewound, layout))
+        })
+        .await;
+        let (rewound, layout) =
+            laid_out.map_err(|e| self.fail(format!("laying out the checkpoint archive: {e}")))?;
+        log_rewound(&rewound.rewound);
+        log_left(&rewound.left);
+        Ok(Some(layout))
     }
 
     /// Whether the source container still runs (after a pre-copy checkpoint).
@@ -766,38 +852,58 @@ impl Migration {
         let runtime = self.node.runtime.clone();
         let container = self.req.container.clone();
         let archive = self.archive.clone().filter(|_| self.stopped);
-        let a = archive.clone();
+        let images = self.kept.clone().filter(|_| self.stopped);
+        let node = self.node.name.clone();
+        // Where the container's only copy is, should it not run again.
+        let copy = match (&archive, &images) {
+            (Some(archive), _) => Some(format!(
+                "its checkpoint is kept at {} on {node} (`podman container restore \
+                 --import=` it there)",
+                archive.display()
+            )),
+            (None, Some(kept)) => Some(format!(
+                "its checkpoint is kept at {} on {node} (`podman container restore --keep {}` \
+                 there)",
+                kept.home.display(),
+                self.req.container
+            )),
+            (None, None) => None,
+        };
         let back = blocking(move || -> Result<bool, RuntimeError> {
-            if let Some(archive) = a {
+            if let Some(archive) = archive {
                 runtime.remove_container(&container)?;
                 runtime.restore_in_place(&archive)?;
+            } else if let Some(kept) = images {
+                // Back where the runtime restores them from; they are not needed once it ran.
+                if kept.images != kept.home {
+                    std::fs::rename(&kept.images, &kept.home).map_err(|e| RuntimeError::Local {
+                        message: format!(
+                            "moving the checkpoint images back from {} to {}: {e}",
+                            kept.images.display(),
+                            kept.home.display()
+                        ),
+                    })?;
+                }
+                runtime.restore_kept(&container)?;
+                let _ = std::fs::remove_dir_all(&kept.home);
             }
             runtime.is_running(&container)
         })
         .await;
         self.close_phase();
-        let node = &self.node.name;
-        let kept = |archive: &Path| {
-            format!(
-                "its checkpoint is kept at {} on {node} (`podman container restore \
-                 --import=` it there)",
-                archive.display()
-            )
-        };
-        match (back, archive) {
+        match (back, copy) {
             (Ok(true), _) => {
                 info!("the source container runs again");
                 self.stopped = false;
                 (true, clean, None)
             }
-            (Ok(false), Some(archive)) => {
+            (Ok(false), Some(copy)) => {
                 warn!("the source container, restored from its checkpoint, is not running");
                 // Keep the archive: it is the container's only copy now.
                 self.keep_dir = true;
                 let note = format!(
                     "the source container was restored on {node} from its checkpoint but \
-                     stopped again (`podman ps -a` and `podman logs` there); {}",
-                    kept(&archive)
+                     stopped again (`podman ps -a` and `podman logs` there); {copy}"
                 );
                 (false, clean, Some(note))
             }
@@ -810,13 +916,10 @@ impl Migration {
                 );
                 (false, clean, Some(note))
             }
-            (Err(e), Some(archive)) => {
-                warn!(error = %e, "restoring the source container failed; its checkpoint stays in the work folder");
+            (Err(e), Some(copy)) => {
+                warn!(error = %e, "restoring the source container failed; its checkpoint stays");
                 self.keep_dir = true;
-                let note = format!(
-                    "restoring the source container on {node} failed: {e}; {}",
-                    kept(&archive)
-                );
+                let note = format!("restoring the source container on {node} failed: {e}; {copy}");
                 (false, clean, Some(note))
             }
             (Err(e), None) => {
@@ -829,15 +932,18 @@ impl Migration {
 
     /// Keeps the final archive's chunks in this node's store (so the container, coming back,
     /// sends little), then deletes it; in the background, off the migration's clock.
-    fn keep_chunks(&mut self, path: &Path, held: tokio::sync::OwnedMutexGuard<()>) {
+    fn keep_chunks(
+        &mut self,
+        files: Vec<PathBuf>,
+        held: tokio::sync::OwnedMutexGuard<()>,
+    ) -> tokio::task::JoinHandle<()> {
         let store = self.node.store.clone();
         let level = self.node.config.level;
-        let path = path.to_path_buf();
         self.keep_dir = true;
-        let dir = path.parent().map(Path::to_path_buf);
+        let dir = Some(self.node.work.join(&self.id));
         tokio::task::spawn_blocking(move || {
             let _held = held;
-            match transport::ingest::ingest_file(&store, &path, level) {
+            match transport::ingest::ingest_files(&store, &files, level) {
                 Ok(r) => info!(chunks_added = r.chunks_added, "kept the sent chunks"),
                 Err(e) => warn!(error = %e, "keeping the sent chunks failed"),
             }
@@ -847,7 +953,7 @@ impl Migration {
             if let Some(dir) = dir {
                 let _ = std::fs::remove_dir_all(dir);
             }
-        });
+        })
     }
 
     /// Deletes the work folder, unless something still needs it (see `keep_dir`).
@@ -855,6 +961,26 @@ impl Migration {
         if !self.keep_dir {
             let _ = std::fs::remove_dir_all(self.node.work.join(&self.id));
         }
+    }
+}
+
+/// Logs the threads whose interrupted calls a checkpoint was set to restart.
+fn log_rewound(threads: &[restart::Interrupted]) {
+    if !threads.is_empty() {
+        info!(
+            threads = %restart::list(threads),
+            "CRIU interrupted these calls; the checkpoint restarts them"
+        );
+    }
+}
+
+/// Logs the threads of a final checkpoint whose interrupted calls cannot restart.
+fn log_left(threads: &[restart::Interrupted]) {
+    if !threads.is_empty() {
+        warn!(
+            threads = %restart::list(threads),
+            "CRIU interrupted calls it cannot restart: restored, they fail with EINTR"
+        );
     }
 }
 

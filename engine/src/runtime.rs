@@ -45,6 +45,9 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use tracing::info;
+
+use crate::podman_archive::{self, Member};
 
 /// At most this many bytes of a command's stderr go into an error (the end is kept: podman
 /// prints its `Error:` line last).
@@ -77,6 +80,34 @@ pub struct KeptCheckpoint {
     pub elapsed: Duration,
     /// The runtime's own timings and page counts, when it reports them.
     pub stats: Option<CheckpointStats>,
+}
+
+/// A final checkpoint taken without an archive (see [`Runtime::checkpoint_stopped`]).
+#[derive(Debug)]
+pub struct StoppedCheckpoint {
+    /// CRIU's images, kept where the runtime keeps them.
+    pub kept: KeptCheckpoint,
+    /// The archive's other members, made in the work folder, in the order written.
+    pub made: Vec<Member>,
+}
+
+/// The checkpoint whose images a runtime kept in `dir`, its page images listed.
+fn kept_in(
+    dir: PathBuf,
+    elapsed: Duration,
+    stats: Option<CheckpointStats>,
+) -> Result<KeptCheckpoint, RuntimeError> {
+    let pages = page_images(&dir).map_err(|e| RuntimeError::UnexpectedOutput {
+        command: format!("listing {}", dir.display()),
+        what: "CRIU's page images (pages-N.img)",
+        output: e.to_string(),
+    })?;
+    Ok(KeptCheckpoint {
+        dir,
+        pages,
+        elapsed,
+        stats,
+    })
 }
 
 /// Checkpoint statistics as reported by podman `--print-stats` (from CRIU).
@@ -186,6 +217,12 @@ pub enum RuntimeError {
         /// The runtime asked.
         runtime: String,
     },
+    /// Work on this node's own files around a runtime call failed (what, and what to check).
+    #[error("{message}")]
+    Local {
+        /// What failed.
+        message: String,
+    },
     /// The kubelet's checkpoint call, or taking its archive, failed.
     #[error("{message}")]
     Kubelet {
@@ -229,8 +266,23 @@ pub trait Runtime: Send + Sync + fmt::Debug {
         Ok(None)
     }
 
-    /// Restores `container`, which stopped after [`Runtime::checkpoint_kept`], in place from
-    /// the images that call kept (`podman container restore --keep`).
+    /// The final checkpoint without an archive: `container` stops and its CRIU images are
+    /// kept as by [`Runtime::checkpoint_kept`], and the archive's other members, as the
+    /// runtime's own export would write them, are made in `work` (see
+    /// [`crate::podman_archive`]). `None`, with the container untouched, when this runtime
+    /// cannot (then [`Runtime::checkpoint`] exports the archive). When making the members fails
+    /// after the container stopped, it is restored in place before the error returns.
+    fn checkpoint_stopped(
+        &self,
+        _container: &str,
+        _work: &Path,
+    ) -> Result<Option<StoppedCheckpoint>, RuntimeError> {
+        Ok(None)
+    }
+
+    /// Restores `container`, which stopped after [`Runtime::checkpoint_kept`] or
+    /// [`Runtime::checkpoint_stopped`], in place from the images that call kept (`podman
+    /// container restore --keep`).
     fn restore_kept(&self, _container: &str) -> Result<(), RuntimeError> {
         Err(RuntimeError::Unsupported {
             operation: "restore a container from kept checkpoint images",
@@ -377,17 +429,85 @@ impl Runtime for Podman {
         let dir = self.inspect(container, "{{.StaticDir}}", "a folder", |out| {
             (!out.is_empty()).then(|| Path::new(out).join("checkpoint"))
         })?;
-        let pages = page_images(&dir).map_err(|e| RuntimeError::UnexpectedOutput {
-            command: format!("listing {}", dir.display()),
-            what: "CRIU's page images (pages-N.img)",
-            output: e.to_string(),
-        })?;
-        Ok(Some(KeptCheckpoint {
-            dir,
-            pages,
-            elapsed,
-            stats,
-        }))
+        kept_in(dir, elapsed, stats).map(Some)
+    }
+
+    fn checkpoint_stopped(
+        &self,
+        container: &str,
+        work: &Path,
+    ) -> Result<Option<StoppedCheckpoint>, RuntimeError> {
+        // Podman's files are read here: only when podman runs in this process's namespaces.
+        if !self.prefix.is_empty() {
+            return Ok(None);
+        }
+        let format = "{{.Id}}\t{{.StaticDir}}\t{{.GraphDriver.Data.UpperDir}}";
+        let (id, userdata, upper) =
+            self.inspect(container, format, "ID, folder, layer", |out| {
+                let mut words = out.split('\t').map(str::to_string);
+                let id = words.next().filter(|w| is_container_id(w))?;
+                let userdata = PathBuf::from(words.next().filter(|w| w.starts_with('/'))?);
+                let upper = PathBuf::from(words.next().filter(|w| w.starts_with('/'))?);
+                Some((id, userdata, upper))
+            })?;
+        // Before stopping anything: can the archive be made here at all?
+        let made = match podman_archive::database_of(&userdata) {
+            None => Err("Podman keeps no SQLite database beside its storage".to_string()),
+            Some(db) => podman_archive::read_config(&db, &id)
+                .map_err(|e| e.to_string())
+                .and_then(|config| match podman_archive::unsupported(&config) {
+                    Some(why) => Err(why.to_string()),
+                    None => podman_archive::dumps(config, &id).map_err(|e| e.to_string()),
+                }),
+        };
+        let dumps = match made {
+            Ok(dumps) => dumps,
+            Err(why) => {
+                info!(container, %why, "podman exports this container's checkpoint itself");
+                return Ok(None);
+            }
+        };
+        let (stdout, elapsed) = self.run_checkpoint(container, &[OsStr::new("--keep")])?;
+        let stats = parse_stats(&stdout).map(|(_, stats)| stats);
+        let dir = userdata.join(podman_archive::IMAGES);
+        // The container is stopped from here: if the rest fails, it runs again.
+        let rest = (|| -> Result<StoppedCheckpoint, RuntimeError> {
+            let args = ["diff", "--format", "json", "--", &id].map(OsStr::new);
+            let stdout = self.run(&args, Subject::Container(container))?;
+            let changes: podman_archive::Changes =
+                serde_json::from_str(&stdout).map_err(|e| RuntimeError::UnexpectedOutput {
+                    command: self.command_for(&args),
+                    what: "a JSON object of changed, added and deleted paths",
+                    output: format!("{e}: {}", bounded(&stdout)),
+                })?;
+            let made = (|| {
+                let mut made = podman_archive::static_members(&userdata, work)?;
+                made.extend(podman_archive::write_dumps(dumps, work)?);
+                made.extend(podman_archive::rootfs_diff(&upper, &changes, work)?);
+                Ok::<_, podman_archive::PodmanArchiveError>(made)
+            })()
+            .map_err(|e| RuntimeError::Local {
+                message: format!("making the checkpoint archive's files: {e}"),
+            })?;
+            Ok(StoppedCheckpoint {
+                kept: kept_in(dir.clone(), elapsed, stats)?,
+                made,
+            })
+        })();
+        rest.map(Some)
+            .map_err(|e| match self.restore_kept(container) {
+                Ok(()) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    e
+                }
+                Err(back) => RuntimeError::Local {
+                    message: format!(
+                        "{e}; then restoring the container in place failed too: {back} (its \
+                     checkpoint is in {}: `podman container restore --keep {container}`)",
+                        dir.display()
+                    ),
+                },
+            })
     }
 
     fn restore_kept(&self, container: &str) -> Result<(), RuntimeError> {

@@ -22,12 +22,11 @@
 //! receiver does after each transfer.
 
 use std::collections::HashSet;
-use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use thiserror::Error;
@@ -35,6 +34,7 @@ use tracing::{debug, warn};
 
 use crate::chunker::{Chunker, Span};
 use crate::codec;
+use crate::source::Source;
 use crate::store::{DiskStore, StoreError};
 
 /// Chunks queued between the chunking thread and the encoders (at most 256 KiB each).
@@ -136,11 +136,21 @@ pub fn ingest_file(
     path: &Path,
     level: i32,
 ) -> Result<IngestReport, IngestError> {
+    ingest_files(store, &[path], level)
+}
+
+/// [`ingest_file`] of several files read back to back as one stream, as a transfer of them
+/// sends it (see [`crate::source::Source`]). Errors name the first file.
+pub fn ingest_files<P: AsRef<Path>>(
+    store: &DiskStore,
+    paths: &[P],
+    level: i32,
+) -> Result<IngestReport, IngestError> {
     let started = Instant::now();
-    let file = File::open(path).map_err(|source| IngestError::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let path = paths.first().map_or(Path::new(""), |p| p.as_ref());
+    let source =
+        Source::open(paths).map_err(|(path, source)| IngestError::Open { path, source })?;
+    let file = Arc::new(source).reader();
     let store_err = |source| IngestError::Store {
         path: path.to_path_buf(),
         root: store.root().to_path_buf(),
@@ -225,7 +235,7 @@ pub fn ingest_file(
 fn chunk_loop(
     store: &DiskStore,
     path: &Path,
-    file: File,
+    file: impl std::io::Read,
     tx: SyncSender<Span>,
     failed: &AtomicBool,
     report: &mut IngestReport,
