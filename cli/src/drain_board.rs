@@ -32,10 +32,13 @@ use crate::progress::{duration, phase_label, write_line, Clock, Sinks, SystemClo
 const FIXED_BYTES: u64 = 64 << 20;
 /// Less of the work done than this, and the time left is not estimated.
 const MIN_DONE: f64 = 0.03;
-/// How fast CRIU writes a checkpoint here, and Podman restores one (BENCHMARKS.md: 1.3 GB
-/// in about 5 s and 3 s): how long those phases, which report no bytes, should take.
-const CHECKPOINT_RATE: f64 = 256.0 * 1024.0 * 1024.0;
-const RESTORE_RATE: f64 = 448.0 * 1024.0 * 1024.0;
+/// How fast CRIU writes a checkpoint here, and Podman restores one (BENCHMARKS.md,
+/// 2026-12-04: 1.3 GB in about 1.7 s and 1.3 s): how long those phases, which report no
+/// bytes, should take.
+const CHECKPOINT_RATE: f64 = 768.0 * 1024.0 * 1024.0;
+const RESTORE_RATE: f64 = 1024.0 * 1024.0 * 1024.0;
+/// The share of a pre-copy round its checkpoint takes (0.7 s of 6.6 s); sending the rest.
+const PRECOPY_CHECKPOINT: f64 = 0.1;
 /// What a checkpoint or a restore takes however small the container.
 const PHASE_FLOOR_SECONDS: f64 = 0.3;
 /// A phase timed by its expected length counts at most this much of itself done until it
@@ -127,9 +130,9 @@ impl Item {
             (done as f64 / total as f64).min(1.0)
         };
         let part = match phase {
-            // A pre-copy round checkpoints (about half its time), then sends.
-            Phase::Precopy if total > 0 => 0.5 + 0.5 * sent,
-            Phase::Precopy => 0.5 * timed(elapsed, bytes, CHECKPOINT_RATE),
+            // A pre-copy round checkpoints, then sends.
+            Phase::Precopy if total > 0 => PRECOPY_CHECKPOINT + (1.0 - PRECOPY_CHECKPOINT) * sent,
+            Phase::Precopy => PRECOPY_CHECKPOINT * timed(elapsed, bytes, CHECKPOINT_RATE),
             Phase::Checkpoint => timed(elapsed, bytes, CHECKPOINT_RATE),
             Phase::Restore => timed(elapsed, bytes, RESTORE_RATE),
             _ => sent,
@@ -148,19 +151,19 @@ impl Item {
 }
 
 /// Where a phase begins in a container's migration, and how much of it the phase spans,
-/// as fractions: the lab's figures for a 1.3 GB redis (BENCHMARKS.md: plan 0.2 s, pre-copy
-/// 10.3, checkpoint 5.1, transfer 1.9, restore 3.0, verify and cleanup 0.4, of 20.9 s).
+/// as fractions: the lab's figures for a 1.3 GB redis (BENCHMARKS.md, 2026-12-04: plan 0.2 s,
+/// pre-copy 6.6, checkpoint 1.7, transfer 1.2, restore 1.3, verify and cleanup 0.1, of 11 s).
 fn phase_span(phase: Phase) -> (f64, f64) {
     match phase {
-        Phase::Plan => (0.0, 0.01),
-        Phase::StageImage => (0.01, 0.0),
-        Phase::Precopy => (0.01, 0.49),
-        Phase::Checkpoint => (0.50, 0.24),
-        Phase::Transfer => (0.74, 0.09),
-        Phase::Assemble => (0.83, 0.02),
-        Phase::Restore => (0.85, 0.13),
-        Phase::Verify => (0.98, 0.005),
-        Phase::Cleanup | Phase::Rollback => (0.985, 0.015),
+        Phase::Plan => (0.0, 0.02),
+        Phase::StageImage => (0.02, 0.0),
+        Phase::Precopy => (0.02, 0.60),
+        Phase::Checkpoint => (0.62, 0.15),
+        Phase::Transfer => (0.77, 0.11),
+        Phase::Assemble => (0.88, 0.01),
+        Phase::Restore => (0.89, 0.10),
+        Phase::Verify => (0.99, 0.004),
+        Phase::Cleanup | Phase::Rollback => (0.994, 0.006),
     }
 }
 
@@ -709,9 +712,9 @@ mod tests {
         e.phase("a", Phase::Plan, None, t0);
         e.phase("a", Phase::Transfer, None, at(t0, 1.0));
         e.progress("a", Phase::Transfer, 64 * MIB, 64 * MIB);
-        // a has sent everything: the transfer's end, 0.83, in a migration with a pre-copy
-        // round; without one, what follows the plan (0.01) spans the rest.
-        let a = 0.01 + (0.83 - 0.5) * 0.99 / 0.5;
+        // a has sent everything: the transfer's end, 0.88, in a migration with a pre-copy
+        // round; without one, what follows the plan (0.02) spans the rest.
+        let a = 0.02 + (0.88 - 0.62) * 0.98 / 0.38;
         let now = at(t0, 10.0);
         assert!(close(e.fraction(now), a / 2.0), "{}", e.fraction(now));
         assert_eq!(e.left(at(t0, 1.0)), None, "too soon to guess");
@@ -732,25 +735,26 @@ mod tests {
         let mut e = Estimate::new(t0, &[container("big", Some(MIB)), container("x", None)]);
         e.phase("big", Phase::Precopy, Some(1), t0);
         // Checkpointing: at the phase's start; x counts as the mean size, so they weigh alike.
-        assert!(close(e.fraction(t0), 0.005), "{}", e.fraction(t0));
-        // 1 MiB should take 0.3 s to checkpoint: after 10 s it is counted 90 % done, no more.
+        assert!(close(e.fraction(t0), 0.01), "{}", e.fraction(t0));
+        // 1 MiB should take 0.3 s to checkpoint: after 10 s it is counted 90 % done, no more
+        // (the checkpoint is a tenth of a pre-copy round).
         let late = at(t0, 10.0);
-        assert!(close(e.fraction(late), (0.01 + 0.49 * 0.45) / 2.0));
+        assert!(close(e.fraction(late), (0.02 + 0.60 * 0.09) / 2.0));
         // The pre-copy archive is 1 GiB, not the 1 MiB of memory listed: it now weighs that.
         e.progress("big", Phase::Precopy, 512 * MIB, 1024 * MIB);
         let w = e.weights();
         assert_eq!(w[0], (FIXED_BYTES + 1024 * MIB) as f64);
         assert_eq!(w[1], w[0], "the unknown one counts as the mean");
-        // big: 0.01 + 0.49 × (0.5 + 0.5 × 0.5) of its work, half the drain's.
-        let precopy = (0.01 + 0.49 * 0.75) / 2.0;
+        // big: 0.02 + 0.60 × (0.1 + 0.9 × 0.5) of its work, half the drain's.
+        let precopy = (0.02 + 0.60 * 0.55) / 2.0;
         assert!(close(e.fraction(late), precopy), "{}", e.fraction(late));
         // Bytes of another phase than the running one do not move it.
         e.progress("big", Phase::Transfer, 1024 * MIB, 1024 * MIB);
         assert!(close(e.fraction(late), precopy));
-        // The final checkpoint of 1 GiB should take 0.3 + 4 s: after 2 s, 2 / 4.3 of it.
+        // The final checkpoint of 1 GiB should take 0.3 + 4/3 s: after 1 s, 1 / 1.633 of it.
         e.phase("big", Phase::Checkpoint, None, late);
-        let during = at(t0, 12.0);
-        let checkpointing = (0.5 + 0.24 * 2.0 / 4.3) / 2.0;
+        let during = at(t0, 11.0);
+        let checkpointing = (0.62 + 0.15 * 1.0 / (0.3 + 4.0 / 3.0)) / 2.0;
         assert!(
             close(e.fraction(during), checkpointing),
             "{}",
@@ -802,11 +806,11 @@ mod tests {
         e.finished("a", true);
         e.phase("b", Phase::Transfer, None, t0);
         e.progress("b", Phase::Transfer, 20, 100);
-        // a whole, b at 0.521 (0.758 with a pre-copy round, which it did not have): 1.521 / 3
-        // of the work in 16 s, so 15.6 s left.
+        // a whole, b at 0.464 (0.792 with a pre-copy round, which it did not have): 1.464 / 3
+        // of the work in 16 s, so 16.8 s left.
         assert_eq!(
             e.words(at(t0, 16.0)),
-            "1 of 3 moved, 1 moving, 1 waiting; 51 % done, about 16 s left"
+            "1 of 3 moved, 1 moving, 1 waiting; 49 % done, about 17 s left"
         );
         assert_eq!(e.moving_words(), ["b (transfer, 20 %)"]);
         e.finished("b", false);
@@ -855,10 +859,10 @@ mod tests {
             err.text().lines().collect::<Vec<_>>(),
             [
                 "[   0.0s] a: plan",
-                "[   5.0s] drain node1 → node2: 1 of 2 moved, 1 moving, 0 waiting; 62 % done, \
-                 about 4 s left; moving: b (pre-copy round 1)",
-                "[  15.0s] drain node1 → node2: 1 of 2 moved, 1 moving, 0 waiting; 69 % done, \
-                 about 7 s left; moving: b (pre-copy round 1, 50 %)",
+                "[   5.0s] drain node1 → node2: 1 of 2 moved, 1 moving, 0 waiting; 54 % done, \
+                 about 5 s left; moving: b (pre-copy round 1)",
+                "[  15.0s] drain node1 → node2: 1 of 2 moved, 1 moving, 0 waiting; 67 % done, \
+                 about 8 s left; moving: b (pre-copy round 1, 50 %)",
             ]
         );
         assert_eq!(out.text(), "", "stdout is for the table and the summary");
@@ -927,10 +931,10 @@ mod tests {
         assert_eq!(screen[0], "[   0.0s] web: plan");
         assert_eq!(screen[1], "[   5.0s] db: final checkpoint (it stops)");
         // Neither had a pre-copy round, so what follows the plan is all their work: web is at
-        // 0.574 of its own (and weighs its 60 MiB archive), db 0.01 (the fixed share).
+        // 0.549 of its own (and weighs its 60 MiB archive), db 0.02 (the fixed share).
         assert!(
             screen[2].starts_with("node1 → node2 [=======>    ")
-                && screen[2].ends_with("] 38 % · about 9 s left · 0/2 moved"),
+                && screen[2].ends_with("] 37 % · about 9 s left · 0/2 moved"),
             "{screen:#?}"
         );
         assert_eq!(screen[3], "  ⠁ web  transfer · 30.0 MiB/60.0 MiB (50 %)");
