@@ -150,11 +150,11 @@ pub enum AssembleError {
     },
 }
 
-/// Validates the checkpoint archive at `archive`, whose page images `images` were received
+/// Validates the checkpoint archive at `archive_path`, whose page images `images` were received
 /// into `folder`, and writes the import archive `import`: every entry outside `checkpoint/`
 /// as it is, and `checkpoint` as a symlink to `folder`, where the other images are unpacked
 /// beside the pages (`folder` is created 0700 if missing). The page images' ranges of
-/// `archive` are not read for their content.
+/// `archive_path` are not read for their content.
 pub fn assemble(
     archive_path: &Path,
     images: &[PageImage],
