@@ -19,7 +19,7 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -194,7 +194,9 @@ pub fn rootfs_diff(
         for path in include {
             let source = within(upper, path);
             let name = path.trim_start_matches('/');
-            if name.is_empty() || source.symlink_metadata().is_err() {
+            // Sockets are skipped, as Podman's tar skips them: they cannot be archived.
+            let kind = source.symlink_metadata().map(|m| m.file_type());
+            if name.is_empty() || kind.is_err() || kind.is_ok_and(|k| k.is_socket()) {
                 continue;
             }
             if is_metacopy(&source) {
@@ -417,11 +419,13 @@ mod tests {
         fs::write(upper.join("etc/new/file"), b"added").unwrap();
         fs::write(upper.join("etc/motd"), b"rewritten").unwrap();
         std::os::unix::fs::symlink("/etc/motd", upper.join("etc/link")).unwrap();
+        let _socket = std::os::unix::net::UnixListener::bind(upper.join("etc/new/sock")).unwrap();
         let changes = Changes {
             changed: vec!["/etc".into(), "/etc/motd".into()],
             added: vec![
                 "/etc/new".into(),
                 "/etc/new/file".into(),
+                "/etc/new/sock".into(),
                 "/etc/link".into(),
             ],
             deleted: vec!["/usr/bin/yes".into()],
