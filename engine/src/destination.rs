@@ -299,10 +299,21 @@ impl Destinations {
 
     /// Waits for the final round, builds its OCI checkpoint image and imports it.
     pub async fn assemble(&self, node: &Arc<Node>, req: StepRequest) -> Reply {
+        let split = self.touch(&req.migration_id, |inc| {
+            inc.rounds.get(&0).is_some_and(|r| !r.pages.is_empty())
+        });
         let (report, archive) = match self.finished_round(node, &req.migration_id, 0).await {
             Ok(r) => r,
             Err(reply) => return reply,
         };
+        if split == Some(true) {
+            // Their ranges of the archive are holes: an image of it would restore no memory.
+            return error(format!(
+                "migration {}: the final round's page images were received as files of their \
+                 own, so its archive cannot become an image (the source asked for both)",
+                req.migration_id
+            ));
+        }
         let started = Instant::now();
         let dir = archive.parent().unwrap_or(Path::new(".")).to_path_buf();
         let reference = image_reference(&req.container, &req.migration_id);
