@@ -564,3 +564,53 @@ fn destination_without_room_for_the_checkpoint_rolls_back() {
     );
     lab.ok(b, &["umount", &work]);
 }
+
+/// A source daemon that dies after the final checkpoint moved the container's images into its
+/// work folder: on its next start it puts them back and restores the container in place,
+/// instead of emptying the folder of the container's only copy. The state is made by hand
+/// here as the migration leaves it: `checkpoint --keep` stopped the container, its images
+/// moved into the work folder beside the record of where they came from.
+#[test]
+fn a_source_daemon_restarted_after_the_final_checkpoint_restores_the_container() {
+    let lab = Lab::up("r");
+    let a = &lab.a;
+    start_counter(&lab, a);
+    let before = count_above(&lab, a, 5);
+    lab::kill_daemon(a, &lab.opts).expect("killing the source daemon");
+    let home = lab.ok(
+        a,
+        &["podman", "inspect", "--format", "{{.StaticDir}}", "counter"],
+    );
+    let home = format!("{}/checkpoint", home.trim());
+    lab.ok(
+        a,
+        &["podman", "container", "checkpoint", "--keep", "counter"],
+    );
+    let work = format!("{}/work/m-1", lab::DAEMON_STATE);
+    let record = format!(r#"{{"container":"counter","home":"{home}"}}"#);
+    lab.ok(
+        a,
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "mkdir -p {work} && printf '%s' '{record}' > {work}/kept.json && mv {home} \
+                 {work}/images"
+            ),
+        ],
+    );
+    assert_eq!(
+        count(&lab, a),
+        None,
+        "the counter still runs after its checkpoint"
+    );
+
+    restart_daemon(&lab, a);
+    let after = count_above(&lab, a, before);
+    assert!(after > before, "the counter started again from 0");
+    assert_eq!(
+        lab.work_files(a),
+        Vec::<String>::new(),
+        "work folder not emptied"
+    );
+}

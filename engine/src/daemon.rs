@@ -174,6 +174,7 @@ impl Daemon {
         };
         private_dir(&config.state).map_err(state_err(&config.state))?;
         let work = config.state.join("work");
+        crate::migration::recover_kept(&work, runtime.as_ref());
         if work.exists() {
             fs::remove_dir_all(&work).map_err(state_err(&work))?;
         }

@@ -73,6 +73,79 @@ struct KeptImages {
     home: PathBuf,
 }
 
+/// In a migration's work folder: the final checkpoint's images, moved there from the runtime's
+/// folder, and the record of where they came from.
+const KEPT_IMAGES: &str = "images";
+const KEPT_RECORD: &str = "kept.json";
+
+/// Where a migration's kept images came from, written before they move.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct KeptRecord {
+    container: String,
+    home: PathBuf,
+}
+
+fn write_record(path: &Path, record: &KeptRecord) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(&serde_json::to_vec(record).expect("a record serializes"))?;
+    file.sync_all()
+}
+
+/// After a daemon restart, before its work folder is emptied: a migration that died after its
+/// final checkpoint left the stopped container's only copy (its kept images) in `work`. Each
+/// goes back where the runtime keeps it, and the container is restored in place from it;
+/// when that fails, the images stay there (`podman container restore --keep NAME` by hand).
+/// A container that runs again, or is gone (its copy ran on the destination), needs nothing.
+pub fn recover_kept(work: &Path, runtime: &dyn crate::runtime::Runtime) {
+    let Ok(entries) = std::fs::read_dir(work) else {
+        return;
+    };
+    for dir in entries.flatten().map(|e| e.path()) {
+        let Ok(bytes) = std::fs::read(dir.join(KEPT_RECORD)) else {
+            continue;
+        };
+        let Ok(record) = serde_json::from_slice::<KeptRecord>(&bytes) else {
+            warn!(record = %dir.join(KEPT_RECORD).display(), "unreadable record of kept images");
+            continue;
+        };
+        let container = record.container.as_str();
+        match runtime.is_running(container) {
+            Ok(false) => {}
+            Ok(true) | Err(RuntimeError::NoSuchContainer { .. }) => continue,
+            Err(e) => {
+                warn!(container, error = %e, "cannot tell whether a migration's stopped container needs its checkpoint back");
+                continue;
+            }
+        }
+        let images = dir.join(KEPT_IMAGES);
+        if images.is_dir() && !record.home.exists() {
+            if let Err(e) = std::fs::rename(&images, &record.home) {
+                warn!(container, error = %e, images = %images.display(), "cannot put a stopped container's checkpoint back; it is lost with the work folder");
+                continue;
+            }
+        }
+        match runtime.restore_kept(container) {
+            Ok(()) => {
+                let _ = std::fs::remove_dir_all(&record.home);
+                warn!(container, "a migration died after its final checkpoint; the container was restored in place");
+            }
+            Err(e) => warn!(
+                container,
+                error = %e,
+                images = %record.home.display(),
+                "a migration died after its final checkpoint, and restoring the container failed: \
+                 its checkpoint stays (`podman container restore --keep NAME`)"
+            ),
+        }
+    }
+}
+
 /// A failure: the phase and what to tell the user.
 struct Failure {
     phase: Phase,
@@ -650,12 +723,24 @@ impl Migration {
             Some(&stopped.kept.dir),
         );
         self.stopped = true;
-        // Moved, not copied (one file system): the container's removal would take them.
+        // Moved, not copied (one file system): the container's removal would take them. A
+        // record says where from first, so a daemon that dies now puts them back on its next
+        // start (see `recover_kept`) rather than emptying its work folder of the only copy.
         let home = stopped.kept.dir;
-        let moved = dir.join("images");
-        let images = match std::fs::rename(&home, &moved) {
-            Ok(()) => moved,
-            Err(e) => {
+        let moved = dir.join(KEPT_IMAGES);
+        let record = KeptRecord {
+            container: self.req.container.clone(),
+            home: home.clone(),
+        };
+        let recorded = write_record(&dir.join(KEPT_RECORD), &record)
+            .inspect_err(|e| {
+                warn!(error = %e, "cannot record where the checkpoint images come from; they stay there")
+            })
+            .is_ok();
+        let images = match recorded.then(|| std::fs::rename(&home, &moved)) {
+            None => home.clone(),
+            Some(Ok(())) => moved,
+            Some(Err(e)) => {
                 warn!(error = %e, images = %home.display(), "the checkpoint images stay where the runtime keeps them");
                 home.clone()
             }
