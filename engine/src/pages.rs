@@ -111,11 +111,7 @@ pub fn pieces(
         }
         end = image.offset + image.len;
     }
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .recursive(true)
-        .create(folder)
-        .map_err(|e| format!("creating {}: {e}", folder.display()))?;
+    private_folder(folder).map_err(|e| format!("creating {}: {e}", folder.display()))?;
     let mut reuse = reuse;
     Ok(images
         .iter()
@@ -126,6 +122,14 @@ pub fn pieces(
             reuse: reuse.take(),
         })
         .collect())
+}
+
+/// Creates `folder` (and its parents) 0700 from the start, if it is missing.
+fn private_folder(folder: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(folder)
 }
 
 /// Why [`assemble`] failed.
@@ -166,11 +170,7 @@ pub fn assemble(
         let path = path.to_path_buf();
         move |source| AssembleError::Write { path, source }
     };
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .recursive(true)
-        .create(folder)
-        .map_err(write_err(folder))?;
+    private_folder(folder).map_err(write_err(folder))?;
     let out = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
