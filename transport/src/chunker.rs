@@ -9,7 +9,8 @@
 //! deduplication against earlier transfers work. There is no hash of the whole stream: the
 //! transfer names a stream by its manifest digest ([`crate::ManifestDigest`]), so each byte is
 //! hashed once, for its chunk id. Memory stays bounded by the buffer (one mebibyte) plus the
-//! spans the caller keeps, whatever the stream length.
+//! spans the caller keeps, whatever the stream length. [`parallel::cut_parallel`] makes the
+//! very same cuts on several threads, for a sender that only needs the manifest entries.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -17,6 +18,8 @@ use std::io::{self, Read};
 use std::iter::FusedIterator;
 
 use fastcdc::v2020;
+
+pub mod parallel;
 
 use crate::{ChunkId, ManifestEntry, AVG_CHUNK_LEN, MAX_CHUNK_LEN, MIN_CHUNK_LEN};
 
@@ -182,26 +185,13 @@ impl<R: Read> Chunker<R> {
         if window.is_empty() {
             return Ok(None);
         }
-        let len = self.masks.cut(window);
+        let entry = cut_entry(self.masks, &mut self.zero_ids, window);
+        let len = entry.len as usize;
         let data = window[..len].to_vec();
         self.start += len;
-        let len32 = u32::try_from(len).expect("FastCDC never cuts beyond MAX_CHUNK_LEN");
-        let zero = is_zero(&data);
-        let id = if zero {
-            *self
-                .zero_ids
-                .entry(len32)
-                .or_insert_with(|| ChunkId::of(&data))
-        } else {
-            ChunkId::of(&data)
-        };
         let span = Span {
             offset: self.offset,
-            entry: ManifestEntry {
-                id,
-                len: len32,
-                zero,
-            },
+            entry,
             data,
         };
         self.offset += len as u64;
@@ -232,6 +222,21 @@ impl<R: Read> Iterator for Chunker<R> {
 }
 
 impl<R: Read> FusedIterator for Chunker<R> {}
+
+/// The entry of the chunk FastCDC cuts at the start of `window` (see [`Masks::cut`] for what
+/// the window must hold); `zero_ids` caches the ids of all-zero chunks by length.
+fn cut_entry(masks: Masks, zero_ids: &mut HashMap<u32, ChunkId>, window: &[u8]) -> ManifestEntry {
+    let n = masks.cut(window);
+    let bytes = &window[..n];
+    let len = u32::try_from(n).expect("FastCDC never cuts beyond MAX_CHUNK_LEN");
+    let zero = is_zero(bytes);
+    let id = if zero {
+        *zero_ids.entry(len).or_insert_with(|| ChunkId::of(bytes))
+    } else {
+        ChunkId::of(bytes)
+    };
+    ManifestEntry { id, len, zero }
+}
 
 /// True when every byte of `data` is zero (true for an empty slice).
 ///

@@ -151,11 +151,27 @@ thread_local! {
 /// data stops early instead of producing a frame that is then thrown away. Any zstd failure also
 /// falls back to raw: the result is always a valid encoding of `raw`.
 pub fn encode(raw: &[u8], level: i32) -> Encoded {
+    compress(raw, level).map_or_else(|| raw_encoded(raw), zstd_encoded)
+}
+
+/// [`encode`] of a chunk the caller owns: a chunk kept raw is moved, not copied.
+pub fn encode_owned(raw: Vec<u8>, level: i32) -> Encoded {
+    match compress(&raw, level) {
+        Some(payload) => zstd_encoded(payload),
+        None => Encoded {
+            encoding: Encoding::Raw,
+            payload: raw,
+        },
+    }
+}
+
+/// The zstd frame of `raw` at `level`, when it pays (see [`encode`]).
+fn compress(raw: &[u8], level: i32) -> Option<Vec<u8>> {
     let budget = raw.len() - raw.len() / KEEP_RAW_DIVISOR;
     if raw.len() < KEEP_RAW_DIVISOR || looks_incompressible(raw) {
         // Too short for a zstd frame (at least 9 bytes) to save 1/32, or noise that zstd would
         // only spend time on.
-        return raw_encoded(raw);
+        return None;
     }
     let compressed = COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
@@ -176,12 +192,13 @@ pub fn encode(raw: &[u8], level: i32) -> Encoded {
         compressor.compress_to_buffer(raw, &mut out).ok()?;
         Some(out)
     });
-    match compressed {
-        Some(payload) if payload.len() <= budget => Encoded {
-            encoding: Encoding::Zstd,
-            payload,
-        },
-        _ => raw_encoded(raw),
+    compressed.filter(|payload| payload.len() <= budget)
+}
+
+fn zstd_encoded(payload: Vec<u8>) -> Encoded {
+    Encoded {
+        encoding: Encoding::Zstd,
+        payload,
     }
 }
 

@@ -420,6 +420,25 @@ impl Frame {
     /// If the frame breaks a rule of the format ([`Frame::validate`] fails): a peer would reject
     /// it, so building it is a bug of the caller's.
     pub fn encode(&self, out: &mut BytesMut) {
+        self.encode_into(out, true);
+    }
+
+    /// The frame's bytes in two parts, for a writer that sends the payload of a `Chunk` without
+    /// copying it: everything before the chunk's payload, then the payload (shared, not
+    /// copied). Any other frame comes whole in the first part. The parts joined are what
+    /// [`Frame::encode`] appends; it panics likewise.
+    pub fn encode_parts(&self) -> [Bytes; 2] {
+        let mut head = BytesMut::new();
+        self.encode_into(&mut head, false);
+        let payload = match self {
+            Frame::Chunk { payload, .. } => payload.clone(),
+            _ => Bytes::new(),
+        };
+        [head.freeze(), payload]
+    }
+
+    /// Appends the frame's bytes, leaving out a `Chunk`'s payload unless `chunk_payload`.
+    fn encode_into(&self, out: &mut BytesMut, chunk_payload: bool) {
         if let Err(error) = self.validate() {
             panic!(
                 "refusing to encode an invalid {} frame: {error}",
@@ -429,7 +448,11 @@ impl Frame {
         let payload_len = self.payload_len();
         // validate() bounds every payload far below u32::MAX.
         let wire_len = u32::try_from(payload_len).unwrap_or(u32::MAX);
-        out.reserve(HEADER_LEN + payload_len);
+        let left_out = match self {
+            Frame::Chunk { payload, .. } if !chunk_payload => payload.len(),
+            _ => 0,
+        };
+        out.reserve(HEADER_LEN + payload_len - left_out);
         out.put_u8(self.frame_type());
         out.put_u32_le(wire_len);
         match self {
@@ -478,7 +501,9 @@ impl Frame {
                 out.put_slice(&id.0);
                 out.put_u32_le(*raw_len);
                 out.put_u8(*encoding);
-                out.put_slice(payload);
+                if chunk_payload {
+                    out.put_slice(payload);
+                }
             }
             Frame::End {
                 total_len,
@@ -1059,6 +1084,20 @@ mod tests {
             let decoded = decode_all(&bytes).unwrap().unwrap();
             assert_eq!(decoded, frame, "{}", frame.name());
             assert_eq!(decoded.name(), frame.name());
+        }
+    }
+
+    #[test]
+    fn the_parts_of_every_frame_join_to_its_bytes() {
+        for frame in samples() {
+            let [head, payload] = frame.encode_parts();
+            let mut joined = head.to_vec();
+            joined.extend_from_slice(&payload);
+            assert_eq!(joined, encode(&frame).to_vec(), "{}", frame.name());
+            match &frame {
+                Frame::Chunk { payload: p, .. } => assert_eq!(payload, p),
+                _ => assert!(payload.is_empty(), "{}", frame.name()),
+            }
         }
     }
 

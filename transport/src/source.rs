@@ -25,6 +25,19 @@ struct Part {
     len: u64,
 }
 
+impl Part {
+    /// The error for a file that ends before the length it had when opened.
+    fn shrank(&self) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "{} is shorter than when the transfer began",
+                self.path.display()
+            ),
+        )
+    }
+}
+
 /// Files read as one stream, in the order given.
 #[derive(Debug)]
 pub struct Source {
@@ -93,7 +106,12 @@ impl Source {
             let within = offset - part.start;
             let n = buf.len().min((part.len - within) as usize);
             let (now, rest) = buf.split_at_mut(n);
-            part.file.read_exact_at(now, within)?;
+            part.file
+                .read_exact_at(now, within)
+                .map_err(|e| match e.kind() {
+                    io::ErrorKind::UnexpectedEof => part.shrank(),
+                    _ => e,
+                })?;
             buf = rest;
             offset += n as u64;
         }
@@ -126,13 +144,7 @@ impl Read for SourceReader {
         let n = buf.len().min((part.len - within) as usize);
         let got = part.file.read_at(&mut buf[..n], within)?;
         if got == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!(
-                    "{} is shorter than when the transfer began",
-                    part.path.display()
-                ),
-            ));
+            return Err(part.shrank());
         }
         self.pos += got as u64;
         Ok(got)

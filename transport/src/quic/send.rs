@@ -1,4 +1,4 @@
-//! The sending node's side of a transfer: chunk the file on one thread, answer the receiver's
+//! The sending node's side of a transfer: chunk the file on every core, answer the receiver's
 //! needs from several chunk streams with compression spread over the cores, and reconnect to
 //! resume when the connection drops. Connections come from a [`Dialer`]: [`send_file`] dials
 //! with its own endpoint, [`send_file_via`] takes a caller's (a node daemon's) connections.
@@ -11,14 +11,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::{mpsc, Mutex};
 use tracing::{debug, info, warn};
 
 use super::{
     classify, sleep_until, write_error, write_frame, FrameReader, SessionError, TransferError,
 };
-use crate::chunker::Chunker;
+use crate::chunker::parallel;
 use crate::codec;
 use crate::frame::{AbortCode, Frame};
 use crate::protocol::{ChunkRequest, ProtocolError, Sender, SenderConfig, SenderStats};
@@ -44,6 +44,10 @@ pub struct SendOptions {
     /// without lowering it) and equals the file's size once the transfer succeeds. Read it with
     /// `Ordering::Relaxed` from any task.
     pub progress: Option<Arc<AtomicU64>>,
+    /// Return the stream's manifest in [`SendReport::manifest`]: every chunk's offset, id and
+    /// length, so the caller can keep the chunks in its own store without cutting and hashing
+    /// the stream again ([`crate::ingest::ingest_manifest`]). About 0.5 MB per GiB sent.
+    pub keep_manifest: bool,
 }
 
 impl Default for SendOptions {
@@ -54,6 +58,7 @@ impl Default for SendOptions {
             protocol: SenderConfig::default(),
             resume_timeout: Duration::from_secs(60),
             progress: None,
+            keep_manifest: false,
         }
     }
 }
@@ -75,6 +80,10 @@ pub struct SendReport {
     pub connections: u32,
     /// Wall time from the first connection attempt to the receiver's confirmation.
     pub seconds: f64,
+    /// The stream's chunks in order, as (offset, entry), when [`SendOptions::keep_manifest`]
+    /// asked for them; empty otherwise.
+    #[serde(skip)]
+    pub manifest: Vec<(u64, ManifestEntry)>,
 }
 
 /// Makes the connections a sender uses: one per attempt (a resumed transfer dials again).
@@ -314,6 +323,8 @@ async fn session(
 
     let mut req_tx = Some(req_tx);
     let mut input_open = true;
+    // A resumed session chunks the stream from the start again: its manifest starts empty.
+    let mut manifest = options.keep_manifest.then(Vec::new);
     // Source bytes this session has announced in manifest frames: the stream offset reached.
     let mut announced = 0u64;
     let self_source = source.clone();
@@ -347,7 +358,7 @@ async fn session(
         let deadline = sender.poll_timeout();
         tokio::select! {
             input = input_rx.recv(), if input_open && sender.wants_input() => {
-                match take_input(&mut sender, input, &mut input_rx) {
+                match take_input(&mut sender, input, &mut input_rx, manifest.as_mut()) {
                     Ok(open) => input_open = open,
                     Err(source) => {
                         sender.fail(ProtocolError::Local {
@@ -390,6 +401,9 @@ async fn session(
     while workers.join_next().await.is_some() {}
     let stats = sender.stats();
     report.chunks_sent += stats.chunks_sent;
+    if let (Ok(_), Some(manifest)) = (&result, manifest) {
+        report.manifest = manifest;
+    }
     debug!(?stats, "session ended");
     result
 }
@@ -417,16 +431,23 @@ async fn explain(
 }
 
 /// Feeds the state machine `first` and whatever else the chunker has ready, while the window
-/// allows. Returns whether more input will come, or the chunker's read error.
+/// allows, noting each entry in `manifest` when one is kept. Returns whether more input will
+/// come, or the chunker's read error.
 fn take_input(
     sender: &mut Sender,
     first: Option<Input>,
     rx: &mut mpsc::Receiver<Input>,
+    mut manifest: Option<&mut Vec<(u64, ManifestEntry)>>,
 ) -> std::io::Result<bool> {
     let mut next = first;
     loop {
         match next {
-            Some(Input::Entry(offset, entry)) => sender.push_entry(offset, entry),
+            Some(Input::Entry(offset, entry)) => {
+                if let Some(manifest) = manifest.as_deref_mut() {
+                    manifest.push((offset, entry));
+                }
+                sender.push_entry(offset, entry);
+            }
             Some(Input::End(len)) => {
                 debug!("source chunked");
                 sender.finish_input(len);
@@ -445,23 +466,25 @@ fn take_input(
     }
 }
 
-/// Runs on its own thread: cuts the source and hands entries to the session, blocking when
-/// the session's window is full.
+/// Runs on its own thread: cuts the source on every core (the very cuts of a [`crate::chunker::Chunker`]) and
+/// hands entries to the session in order, blocking when the session's window is full.
 fn chunk_source_stream(source: &Arc<Source>, tx: &mpsc::Sender<Input>) {
-    let mut chunker = Chunker::new(source.reader());
-    for span in chunker.by_ref() {
-        let msg = match span {
-            Ok(span) => Input::Entry(span.offset, span.entry),
-            Err(e) => Input::Failed(e),
-        };
-        let failed = matches!(msg, Input::Failed(_));
-        if tx.blocking_send(msg).is_err() || failed {
-            return;
-        }
-    }
-    if let Some(len) = chunker.finish() {
-        let _ = tx.blocking_send(Input::End(len));
-    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let read_at = |buf: &mut [u8], at: u64| source.read_exact_at(buf, at);
+    let cut = parallel::cut_parallel(
+        source.len(),
+        &read_at,
+        threads,
+        parallel::SEGMENT_LEN,
+        |offset, entry| tx.blocking_send(Input::Entry(offset, entry)).is_ok(),
+    );
+    let last = match cut {
+        Ok(Some(len)) => Input::End(len),
+        // The session is gone.
+        Ok(None) => return,
+        Err(e) => Input::Failed(e),
+    };
+    let _ = tx.blocking_send(last);
 }
 
 /// Owns one chunk stream: reads each requested chunk from the source, compresses it on a
@@ -503,7 +526,7 @@ impl ChunkWorker {
                 batch
                     .into_iter()
                     .map(|req| encode_chunk(&source, req, level))
-                    .collect::<std::io::Result<Vec<Bytes>>>()
+                    .collect::<std::io::Result<Vec<[Bytes; 2]>>>()
             })
             .await
             .expect("chunk encoding does not panic")
@@ -513,12 +536,14 @@ impl ChunkWorker {
                     source,
                 })
             })?;
-            for frame in frames {
+            for mut parts in frames {
+                let len = parts.iter().map(Bytes::len).sum::<usize>();
+                // Handed to quinn as they are: the payload is not copied again.
                 self.stream
-                    .write_all(&frame)
+                    .write_all_chunks(&mut parts)
                     .await
                     .map_err(|e| write_error(&self.peer, e))?;
-                self.wire.fetch_add(frame.len() as u64, Ordering::Relaxed);
+                self.wire.fetch_add(len as u64, Ordering::Relaxed);
             }
         }
     }
@@ -527,9 +552,10 @@ impl ChunkWorker {
 /// Chunks one stream's worker encodes per hand-off to a blocking thread.
 const ENCODE_BATCH: usize = 4;
 
-/// Reads and compresses one chunk into a complete `Chunk` frame. A source that changed since it
-/// was chunked is caught here rather than by the receiver.
-fn encode_chunk(source: &Source, req: ChunkRequest, level: i32) -> std::io::Result<Bytes> {
+/// Reads and compresses one chunk into a complete `Chunk` frame, as its head and its payload
+/// (see [`Frame::encode_parts`]). A source that changed since it was chunked is caught here
+/// rather than by the receiver.
+fn encode_chunk(source: &Source, req: ChunkRequest, level: i32) -> std::io::Result<[Bytes; 2]> {
     let mut raw = vec![0u8; req.len as usize];
     source.read_exact_at(&mut raw, req.offset)?;
     if ChunkId::of(&raw) != req.id {
@@ -538,14 +564,12 @@ fn encode_chunk(source: &Source, req: ChunkRequest, level: i32) -> std::io::Resu
             req.offset
         )));
     }
-    let encoded = codec::encode(&raw, level);
+    let encoded = codec::encode_owned(raw, level);
     let frame = Frame::Chunk {
         id: req.id,
         raw_len: req.len,
         encoding: encoded.encoding as u8,
         payload: Bytes::from(encoded.payload),
     };
-    let mut buf = BytesMut::with_capacity(frame.encoded_len());
-    frame.encode(&mut buf);
-    Ok(buf.freeze())
+    Ok(frame.encode_parts())
 }

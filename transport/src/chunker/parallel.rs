@@ -1,0 +1,284 @@
+//! The same cuts as [`Chunker`](super::Chunker), made on several threads.
+//!
+//! Cutting is sequential by nature: where a chunk ends depends on where it began. But a cut
+//! depends only on the bytes from the chunk's start on, so two cutters that ever start a chunk
+//! at the same offset make the same cuts from there. [`cut_parallel`] splits the stream into
+//! segments of [`SEGMENT_LEN`]; each worker thread cuts whole segments as if a chunk began at
+//! the segment's first byte, and hashes its chunks. The calling thread walks the segments in
+//! order from the true position: where a segment's cuts include that position, it adopts them;
+//! where they do not (the true chunk straddling the segment's start ended elsewhere), it cuts
+//! on its own until it lands on one of the worker's cuts. Content-defined cuts fall back into
+//! step within a chunk or two, so the calling thread does little, and the result is exactly
+//! the sequential chunker's: the same offsets, ids, lengths and zero flags, in order. Long runs
+//! without cut points (zeros, cut at the maximal length) may not fall back into step; then the
+//! calling thread cuts them alone, as slowly as the sequential chunker, and still correctly.
+//!
+//! Memory: each worker holds one segment plus one maximal chunk, and at most one finished
+//! segment's entries waits per worker.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+
+use super::{cut_entry, Masks};
+use crate::{ChunkId, ManifestEntry, MAX_CHUNK_LEN};
+
+/// Bytes of the stream each worker cuts at a time.
+pub const SEGMENT_LEN: usize = 8 << 20;
+
+/// One segment's cuts, as (offset, entry), or why it could not be read.
+type SegmentCuts = io::Result<Vec<(u64, ManifestEntry)>>;
+
+/// Reads `buf.len()` bytes of the stream at an offset (see [`crate::source::Source`]).
+pub type ReadAt<'a> = dyn Fn(&mut [u8], u64) -> io::Result<()> + Sync + 'a;
+
+/// Cuts the `len`-byte stream that `read_at` reads on `threads` worker threads (at least
+/// one), in segments of `segment_len` bytes, and calls `emit` with every chunk's offset and
+/// entry in stream order, exactly as [`super::Chunker`] would yield them. `emit` returns
+/// `false` to stop early. Returns the stream's length once every chunk was emitted, `None`
+/// when `emit` stopped, or the first read error.
+pub fn cut_parallel(
+    len: u64,
+    read_at: &ReadAt<'_>,
+    threads: usize,
+    segment_len: usize,
+    mut emit: impl FnMut(u64, ManifestEntry) -> bool,
+) -> io::Result<Option<u64>> {
+    let segment_len = segment_len.max(1) as u64;
+    let segments = len.div_ceil(segment_len);
+    let threads = threads.clamp(1, segments.max(1) as usize);
+    let masks = Masks::new();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let mut results = Vec::with_capacity(threads);
+        for first in 0..threads {
+            let (tx, rx) = mpsc::sync_channel(1);
+            results.push(rx);
+            let stop = &stop;
+            s.spawn(move || {
+                let mut worker = Worker::new(masks);
+                let mut k = first as u64;
+                while k < segments && !stop.load(Ordering::Relaxed) {
+                    let start = k * segment_len;
+                    let end = (start + segment_len).min(len);
+                    let cut = worker.cut_segment(read_at, start, end, len);
+                    let failed = cut.is_err();
+                    if tx.send(cut).is_err() || failed {
+                        return;
+                    }
+                    k += threads as u64;
+                }
+            });
+        }
+        // Returning drops the receivers: a worker blocked on a full channel then stops.
+        let outcome = merge(
+            len,
+            read_at,
+            masks,
+            segments,
+            segment_len,
+            &results,
+            &mut emit,
+        );
+        stop.store(true, Ordering::Relaxed);
+        outcome
+    })
+}
+
+/// The calling thread's part: the segments' cuts in order, mended where they were not in
+/// step with the true position.
+fn merge(
+    len: u64,
+    read_at: &ReadAt<'_>,
+    masks: Masks,
+    segments: u64,
+    segment_len: u64,
+    results: &[mpsc::Receiver<SegmentCuts>],
+    emit: &mut impl FnMut(u64, ManifestEntry) -> bool,
+) -> io::Result<Option<u64>> {
+    let mut own = Worker::new(masks);
+    let mut pos = 0u64;
+    for k in 0..segments {
+        let cuts = results[(k % results.len() as u64) as usize]
+            .recv()
+            .map_err(|_| io::Error::other("a chunking thread ended early"))??;
+        let end = ((k + 1) * segment_len).min(len);
+        while pos < end {
+            if let Ok(i) = cuts.binary_search_by_key(&pos, |(offset, _)| *offset) {
+                // In step: the worker's cuts from here are the true ones.
+                for &(offset, entry) in &cuts[i..] {
+                    if !emit(offset, entry) {
+                        return Ok(None);
+                    }
+                    pos = offset + u64::from(entry.len);
+                }
+                break;
+            }
+            let entry = own.cut_one(read_at, pos, len)?;
+            if !emit(pos, entry) {
+                return Ok(None);
+            }
+            pos += u64::from(entry.len);
+        }
+    }
+    Ok(Some(len))
+}
+
+/// One thread's cutting state: its read buffer and its cache of zero-chunk ids.
+struct Worker {
+    masks: Masks,
+    buf: Vec<u8>,
+    zero_ids: HashMap<u32, ChunkId>,
+}
+
+impl Worker {
+    fn new(masks: Masks) -> Self {
+        Worker {
+            masks,
+            buf: Vec::new(),
+            zero_ids: HashMap::new(),
+        }
+    }
+
+    /// Reads `[start, end)` of the stream and as much beyond as a chunk may need.
+    fn fill(&mut self, read_at: &ReadAt<'_>, start: u64, end: u64, len: u64) -> io::Result<()> {
+        let read_end = (end + u64::from(MAX_CHUNK_LEN)).min(len);
+        self.buf.resize((read_end - start) as usize, 0);
+        read_at(&mut self.buf, start)
+    }
+
+    /// The entry of the chunk at the start of `window`.
+    fn entry(&mut self, window: &[u8]) -> ManifestEntry {
+        cut_entry(self.masks, &mut self.zero_ids, window)
+    }
+
+    /// Cuts the chunks that start in `[start, end)`, as if one started at `start`.
+    fn cut_segment(&mut self, read_at: &ReadAt<'_>, start: u64, end: u64, len: u64) -> SegmentCuts {
+        self.fill(read_at, start, end, len)?;
+        let buf = std::mem::take(&mut self.buf);
+        let mut cuts = Vec::new();
+        let mut at = 0usize;
+        let stop = (end - start) as usize;
+        while at < stop {
+            let entry = self.entry(&buf[at..]);
+            cuts.push((start + at as u64, entry));
+            at += entry.len as usize;
+        }
+        self.buf = buf;
+        Ok(cuts)
+    }
+
+    /// Cuts the one chunk that starts at `pos`.
+    fn cut_one(&mut self, read_at: &ReadAt<'_>, pos: u64, len: u64) -> io::Result<ManifestEntry> {
+        self.fill(read_at, pos, pos, len)?;
+        let buf = std::mem::take(&mut self.buf);
+        let entry = self.entry(&buf);
+        self.buf = buf;
+        Ok(entry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunker::Chunker;
+
+    fn sequential(data: &[u8]) -> Vec<(u64, ManifestEntry)> {
+        Chunker::new(data)
+            .map(|s| s.map(|s| (s.offset, s.entry)))
+            .collect::<io::Result<_>>()
+            .unwrap()
+    }
+
+    fn parallel(data: &[u8], threads: usize, segment_len: usize) -> Vec<(u64, ManifestEntry)> {
+        let read_at = |buf: &mut [u8], at: u64| {
+            let at = at as usize;
+            buf.copy_from_slice(&data[at..at + buf.len()]);
+            Ok(())
+        };
+        let mut out = Vec::new();
+        let total = cut_parallel(data.len() as u64, &read_at, threads, segment_len, |o, e| {
+            out.push((o, e));
+            true
+        })
+        .unwrap();
+        assert_eq!(total, Some(data.len() as u64));
+        out
+    }
+
+    /// Random runs, text-like runs and zero runs, the mix a memory dump has.
+    fn mixed(len: usize, seed: u64) -> Vec<u8> {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut data = Vec::with_capacity(len);
+        while data.len() < len {
+            let run = rng.usize(1..=64) * 4096;
+            match rng.u8(0..3) {
+                0 => data.extend(std::iter::repeat_n(0u8, run)),
+                1 => data.extend((0..run).map(|_| rng.u8(..))),
+                _ => data.extend((0..run).map(|i| b"abcdefgh "[(i * 7 + run) % 9])),
+            }
+        }
+        data.truncate(len);
+        data
+    }
+
+    #[test]
+    fn the_cuts_are_the_sequential_chunkers_whatever_the_segments_and_threads() {
+        let data = mixed(11 * 1024 * 1024 + 12_345, 1);
+        let expected = sequential(&data);
+        for (threads, segment_len) in [
+            (1, SEGMENT_LEN),
+            (2, SEGMENT_LEN),
+            (2, 1 << 20),
+            (3, 300_001),
+        ] {
+            assert_eq!(
+                parallel(&data, threads, segment_len),
+                expected,
+                "{threads} threads, segments of {segment_len}"
+            );
+        }
+        // Segments far shorter than a chunk: nearly every cut is mended by the caller.
+        let data = &data[..1536 * 1024];
+        assert_eq!(parallel(data, 4, 4096), sequential(data));
+    }
+
+    #[test]
+    fn long_zero_runs_and_tiny_or_empty_streams_match_too() {
+        let mut data = vec![0u8; 5 * 1024 * 1024 + 3];
+        data.extend(mixed(1024 * 1024, 2));
+        assert_eq!(parallel(&data, 2, 1 << 20), sequential(&data));
+        for len in [0, 1, 100, 70_000] {
+            let data = mixed(len, 3);
+            assert_eq!(parallel(&data, 2, 4096), sequential(&data), "{len} bytes");
+        }
+    }
+
+    #[test]
+    fn emit_can_stop_and_read_errors_come_back() {
+        let data = mixed(4 * 1024 * 1024, 4);
+        let read_at = |buf: &mut [u8], at: u64| {
+            let at = at as usize;
+            buf.copy_from_slice(&data[at..at + buf.len()]);
+            Ok(())
+        };
+        let mut seen = 0;
+        let stopped = cut_parallel(data.len() as u64, &read_at, 2, 1 << 20, |_, _| {
+            seen += 1;
+            seen < 3
+        })
+        .unwrap();
+        assert_eq!((stopped, seen), (None, 3));
+
+        let failing = |_: &mut [u8], at: u64| {
+            if at >= 2 << 20 {
+                Err(io::Error::other("disk gone"))
+            } else {
+                Ok(())
+            }
+        };
+        let err = cut_parallel(4 << 20, &failing, 2, 1 << 20, |_, _| true).unwrap_err();
+        assert!(err.to_string().contains("disk gone"), "{err}");
+    }
+}
