@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 use transport::quic::{self, DialError, Dialer, SendOptions, SendReport, TransferError};
 use transport::tls::SERVER_NAME;
+use transport::ManifestEntry;
 
 use crate::control::{
     self, Event, MigrateRequest, Phase, PrepareRequest, Reply, Request, StepRequest, Summary,
@@ -379,8 +380,18 @@ impl Migration {
 
         self.enter(Phase::Transfer, None).await;
         let started = Instant::now();
-        let report = self.send_files(0, &files, pages).await?;
+        let mut report = self.send_files(0, &files, pages).await?;
         self.round_done(0, &report, started).await;
+        // The source has nothing to do while the destination restores: start keeping the
+        // chunks now, unless another migration's are still going in (then at clean-up).
+        let mut manifest = std::mem::take(&mut report.manifest);
+        let mut keeping = None;
+        if !self.req.image_only {
+            if let Ok(held) = self.node.ingesting.clone().try_lock_owned() {
+                let manifest = std::mem::take(&mut manifest);
+                keeping = Some(self.keep_chunks(files.clone(), manifest, held));
+            }
+        }
 
         let step = StepRequest {
             migration_id: self.id.clone(),
@@ -391,7 +402,7 @@ impl Migration {
             let assembled = self.call(Request::Assemble(step)).await?;
             let image = assembled["image"].as_str().map(str::to_string);
             return Ok(self
-                .image_only_summary(files, report, precopy_done, image)
+                .image_only_summary(files, manifest, report, precopy_done, image)
                 .await);
         }
         let restored = if self.req.via_image {
@@ -418,14 +429,23 @@ impl Migration {
         {
             warn!(error = %f.message, "the destination could not clean up its checkpoint files");
         }
-        // Taken here, before the summary goes out: a migration coming straight back waits
-        // for these chunks (see `Node::ingesting`).
-        let held = self.node.ingesting.clone().lock_owned().await;
-        let kept = self.keep_chunks(files, held);
-        if self.kept.as_ref().is_some_and(|k| k.images == k.home) {
+        let kept = match keeping {
+            Some(kept) => kept,
+            None => {
+                // Taken here at the latest, before the summary goes out: a migration coming
+                // straight back waits for these chunks (see `Node::ingesting`).
+                let held = self.node.ingesting.clone().lock_owned().await;
+                self.keep_chunks(files, manifest, held)
+            }
+        };
+        let kept = if self.kept.as_ref().is_some_and(|k| k.images == k.home) {
             // The images are still the container's: they go with it.
             let _ = kept.await;
-        }
+            None
+        } else {
+            Some(kept)
+        };
+        self.remove_work_dir_after(kept);
         let runtime = self.node.runtime.clone();
         let c = container.clone();
         if let Err(e) = blocking(move || runtime.remove_container(&c)).await {
@@ -501,12 +521,14 @@ impl Migration {
     async fn image_only_summary(
         &mut self,
         files: Vec<PathBuf>,
+        manifest: Vec<(u64, ManifestEntry)>,
         report: SendReport,
         precopy: u32,
         image: Option<String>,
     ) -> Summary {
         let held = self.node.ingesting.clone().lock_owned().await;
-        self.keep_chunks(files, held);
+        let kept = self.keep_chunks(files, manifest, held);
+        self.remove_work_dir_after(Some(kept));
         // Nothing was stopped: the Pod that replaces the source decides the switch-over.
         self.summary(&report, precopy, 0.0, image)
     }
@@ -851,6 +873,8 @@ impl Migration {
             level: self.node.config.level,
             resume_timeout: self.node.config.resume_timeout,
             progress: Some(progress.clone()),
+            // The final round's chunks are kept here afterwards, from this manifest.
+            keep_manifest: round == 0,
             ..SendOptions::default()
         };
         let config = self
@@ -1016,29 +1040,50 @@ impl Migration {
     }
 
     /// Keeps the final archive's chunks in this node's store (so the container, coming back,
-    /// sends little), then deletes it; in the background, off the migration's clock.
+    /// sends little), in the background, holding `held` (see `Node::ingesting`) until done.
+    /// With the manifest its transfer returned, only the chunks the store lacks are read and
+    /// encoded. The files are opened at once and read through those handles, so a rollback
+    /// may move or delete them meanwhile; nothing here deletes them (see
+    /// [`Self::remove_work_dir_after`]).
     fn keep_chunks(
-        &mut self,
+        &self,
         files: Vec<PathBuf>,
+        manifest: Vec<(u64, ManifestEntry)>,
         held: tokio::sync::OwnedMutexGuard<()>,
     ) -> tokio::task::JoinHandle<()> {
         let store = self.node.store.clone();
         let level = self.node.config.level;
-        self.keep_dir = true;
-        let dir = Some(self.node.work.join(&self.id));
         tokio::task::spawn_blocking(move || {
             let _held = held;
-            match transport::ingest::ingest_files(&store, &files, level) {
-                Ok(r) => info!(chunks_added = r.chunks_added, "kept the sent chunks"),
+            let kept = match manifest.is_empty() {
+                true => transport::ingest::ingest_files(&store, &files, level),
+                false => transport::ingest::ingest_manifest(&store, &files, &manifest, level),
+            };
+            match kept {
+                Ok(r) => info!(
+                    chunks_added = r.chunks_added,
+                    seconds = r.seconds,
+                    "kept the sent chunks"
+                ),
                 Err(e) => warn!(error = %e, "keeping the sent chunks failed"),
             }
             if let Err(e) = store.evict_to_cap(&|_| false) {
                 warn!(error = %e, "chunk store eviction failed");
             }
-            if let Some(dir) = dir {
-                let _ = std::fs::remove_dir_all(dir);
-            }
         })
+    }
+
+    /// After a migration that succeeded: deletes the work folder in the background, once
+    /// `keeping` (the chunks going into the store from its files) is done.
+    fn remove_work_dir_after(&mut self, keeping: Option<tokio::task::JoinHandle<()>>) {
+        self.keep_dir = true;
+        let dir = self.node.work.join(&self.id);
+        tokio::spawn(async move {
+            if let Some(keeping) = keeping {
+                let _ = keeping.await;
+            }
+            let _ = tokio::fs::remove_dir_all(dir).await;
+        });
     }
 
     /// Deletes the work folder, unless something still needs it (see `keep_dir`).

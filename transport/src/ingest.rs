@@ -9,9 +9,14 @@
 //! and [`DiskStore::put`]s the ones the store lacks. A later receiver asks its store
 //! [`DiskStore::contains`] for every manifest entry, so these chunks are never sent again.
 //!
+//! When the sender returned the stream's manifest ([`crate::quic::SendOptions::keep_manifest`]),
+//! [`ingest_manifest`] skips the cutting: it reads only the chunks the store lacks, where the
+//! manifest puts them, and checks each against its id before storing it.
+//!
 //! Work is split over the cores: the calling thread reads and chunks the file and checks the
-//! store's index; `cores - 1` threads (at least one) compress and append to the store; one
-//! more thread, mostly asleep in `fdatasync`, commits sealed packs as they fill. Chunks are
+//! store's index; `cores - 1` threads (at least one; every core for [`ingest_manifest`])
+//! compress and append to the store; one more thread, mostly asleep in `fdatasync`, commits
+//! sealed packs as they fill. Chunks are
 //! handed over through a bounded queue, so memory stays at a few dozen chunks whatever the
 //! file size. A chunk repeated within the file is compressed and stored once.
 //!
@@ -24,7 +29,7 @@
 use std::collections::HashSet;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -36,6 +41,7 @@ use crate::chunker::{Chunker, Span};
 use crate::codec;
 use crate::source::Source;
 use crate::store::{DiskStore, StoreError};
+use crate::{ChunkId, ManifestEntry};
 
 /// Chunks queued between the chunking thread and the encoders (at most 256 KiB each).
 const QUEUE_CHUNKS: usize = 32;
@@ -112,6 +118,17 @@ pub enum IngestError {
         /// What the store reported.
         source: Box<StoreError>,
     },
+    /// The manifest given is not one of these files.
+    #[error(
+        "the manifest given for {path} does not match the files: {detail}; pass the manifest \
+         their sender returned for exactly these files"
+    )]
+    Manifest {
+        /// The first file.
+        path: PathBuf,
+        /// Where it stops matching.
+        detail: String,
+    },
     /// A worker thread could not be started.
     #[error("starting a thread to ingest {path}: {source}; check the process's thread limit")]
     Thread {
@@ -147,68 +164,202 @@ pub fn ingest_files<P: AsRef<Path>>(
     level: i32,
 ) -> Result<IngestReport, IngestError> {
     let started = Instant::now();
+    let (path, source) = open(paths)?;
+    let file = Arc::new(source).reader();
+    // One core chunks; the others encode.
+    let encoders = cores().saturating_sub(1).clamp(1, MAX_ENCODERS);
+    let mut report = IngestReport::default();
+    let (span_tx, span_rx) = mpsc::sync_channel::<Span>(QUEUE_CHUNKS);
+    let span_rx = Mutex::new(span_rx);
+    // After a failure the encoders keep draining the queue, so the chunking thread never
+    // blocks on a full one; the chunking thread sees the failure and stops.
+    let next = || {
+        let span = span_rx.lock().expect("ingest queue lock").recv().ok()?;
+        Some(Ok(span))
+    };
+    let failed = AtomicBool::new(false);
+    let outcome = encode_all(store, path, level, encoders, &next, &failed, || {
+        chunk_loop(store, path, file, span_tx, &failed, &mut report)
+    });
+    finish(store, path, started, outcome, report)
+}
+
+/// [`ingest_files`] for files whose manifest is already known: the one their sender returned
+/// ([`crate::quic::SendOptions::keep_manifest`]). Nothing is cut or hashed twice: the chunks
+/// the store lacks are read where the manifest puts them, checked against their ids (the files
+/// must not have changed since they were sent), encoded on every core and stored. A manifest
+/// that does not tile the files exactly, from offset 0 to their end, is refused before
+/// anything is stored.
+pub fn ingest_manifest<P: AsRef<Path>>(
+    store: &DiskStore,
+    paths: &[P],
+    manifest: &[(u64, ManifestEntry)],
+    level: i32,
+) -> Result<IngestReport, IngestError> {
+    let started = Instant::now();
+    let (path, source) = open(paths)?;
+    let mut report = IngestReport::default();
+    let mut at = 0u64;
+    for (offset, entry) in manifest {
+        if *offset != at {
+            return Err(IngestError::Manifest {
+                path: path.to_path_buf(),
+                detail: format!("an entry starts at byte {offset}, not {at}"),
+            });
+        }
+        at += u64::from(entry.len);
+    }
+    if at != source.len() {
+        return Err(IngestError::Manifest {
+            path: path.to_path_buf(),
+            detail: format!("it covers {at} bytes of {}", source.len()),
+        });
+    }
+    report.bytes = at;
+    report.chunks = manifest.len() as u64;
+    let mut seen = HashSet::new();
+    let mut lacking = Vec::new();
+    for (offset, entry) in manifest {
+        if entry.zero {
+            report.zero_chunks += 1;
+        } else if !seen.insert(entry.id) || store.contains(&entry.id) {
+            store.touch(&entry.id);
+            report.chunks_present += 1;
+        } else {
+            lacking.push((*offset, *entry));
+        }
+    }
+    let taken = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    // Once any encoder failed, the rest of the chunks are not even read.
+    let next = || {
+        if failed.load(Ordering::Relaxed) {
+            return None;
+        }
+        let (offset, entry) = *lacking.get(taken.fetch_add(1, Ordering::Relaxed))?;
+        Some(read_chunk(&source, offset, &entry))
+    };
+    let encoders = cores().clamp(1, MAX_ENCODERS);
+    let outcome = encode_all(store, path, level, encoders, &next, &failed, || Ok(()));
+    finish(store, path, started, outcome, report)
+}
+
+/// Reads one chunk of the manifest and checks it is still the chunk that was sent.
+fn read_chunk(source: &Source, offset: u64, entry: &ManifestEntry) -> Result<Span, IngestError> {
+    let mut data = vec![0u8; entry.len as usize];
+    let read = source.read_exact_at(&mut data, offset).and_then(|()| {
+        if ChunkId::of(&data) == entry.id {
+            Ok(())
+        } else {
+            Err(io::Error::other(
+                "these bytes differ from the chunk sent: the file changed after it was sent",
+            ))
+        }
+    });
+    read.map_err(|source_err| IngestError::Read {
+        path: source.path_at(offset).to_path_buf(),
+        offset,
+        source: source_err,
+    })?;
+    Ok(Span {
+        offset,
+        entry: *entry,
+        data,
+    })
+}
+
+/// Opens the files as one stream; the first file names them in errors.
+fn open<P: AsRef<Path>>(paths: &[P]) -> Result<(&Path, Source), IngestError> {
     let path = paths.first().map_or(Path::new(""), |p| p.as_ref());
     let source =
         Source::open(paths).map_err(|(path, source)| IngestError::Open { path, source })?;
-    let file = Arc::new(source).reader();
+    Ok((path, source))
+}
+
+/// The cores this process may use.
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// What may come next for an encoder: a chunk to store, a failure to report, or the end.
+type Next<'a> = dyn Fn() -> Option<Result<Span, IngestError>> + Sync + 'a;
+
+/// Runs `encoders` threads that store what `next` yields, one committer thread, and `feed` on
+/// the calling thread. Any thread that fails sets `failed`, which `next` and `feed` may watch
+/// to stop early. Returns (chunks added, chunks a concurrent put stored first); the first
+/// error wins.
+fn encode_all(
+    store: &DiskStore,
+    path: &Path,
+    level: i32,
+    encoders: usize,
+    next: &Next<'_>,
+    failed: &AtomicBool,
+    feed: impl FnOnce() -> Result<(), IngestError>,
+) -> Result<(u64, u64), IngestError> {
     let store_err = |source| IngestError::Store {
         path: path.to_path_buf(),
         root: store.root().to_path_buf(),
         source: Box::new(source),
     };
-    let encoders = std::thread::available_parallelism()
-        .map_or(1, |n| n.get().saturating_sub(1))
-        .clamp(1, MAX_ENCODERS);
-    let failed = AtomicBool::new(false);
-    let mut report = IngestReport::default();
-
-    let outcome = {
-        let (span_tx, span_rx) = mpsc::sync_channel::<Span>(QUEUE_CHUNKS);
-        let (commit_tx, commit_rx) = mpsc::sync_channel::<()>(1);
-        let span_rx = Mutex::new(span_rx);
-        let (failed, span_rx, report) = (&failed, &span_rx, &mut report);
-        std::thread::scope(move |s| {
-            let spawn_err = |source| IngestError::Thread {
-                path: path.to_path_buf(),
-                source,
-            };
-            // If a spawn fails, returning drops both senders: the threads already started see
-            // their queues close and end.
-            let committer = std::thread::Builder::new()
-                .name("ingest-commit".into())
-                .spawn_scoped(s, move || commit_loop(store, commit_rx, failed))
+    let (commit_tx, commit_rx) = mpsc::sync_channel::<()>(1);
+    std::thread::scope(move |s| {
+        let spawn_err = |source| IngestError::Thread {
+            path: path.to_path_buf(),
+            source,
+        };
+        // If a spawn fails, returning drops the committer's sender: the threads already
+        // started see their queues close and end.
+        let committer = std::thread::Builder::new()
+            .name("ingest-commit".into())
+            .spawn_scoped(s, move || commit_loop(store, commit_rx, failed))
+            .map_err(spawn_err)?;
+        let mut workers = Vec::with_capacity(encoders);
+        for _ in 0..encoders {
+            let commit_tx = commit_tx.clone();
+            let worker = std::thread::Builder::new()
+                .name("ingest-encode".into())
+                .spawn_scoped(s, move || {
+                    encode_loop(store, next, level, &commit_tx, failed)
+                })
                 .map_err(spawn_err)?;
-            let mut workers = Vec::with_capacity(encoders);
-            for _ in 0..encoders {
-                let commit_tx = commit_tx.clone();
-                let worker = std::thread::Builder::new()
-                    .name("ingest-encode".into())
-                    .spawn_scoped(s, move || {
-                        encode_loop(store, span_rx, level, &commit_tx, failed)
-                    })
-                    .map_err(spawn_err)?;
-                workers.push(worker);
-            }
-            drop(commit_tx);
-            let chunked = chunk_loop(store, path, file, span_tx, failed, report);
-            let mut errors = vec![chunked.err()];
-            for worker in workers {
-                match worker.join().expect("an ingest encoder does not panic") {
-                    Ok((added, present)) => {
-                        report.chunks_added += added;
-                        report.chunks_present += present;
-                    }
-                    Err(e) => errors.push(Some(store_err(e))),
+            workers.push(worker);
+        }
+        drop(commit_tx);
+        let fed = feed();
+        let mut errors = vec![fed.err()];
+        let (mut added, mut present) = (0, 0);
+        for worker in workers {
+            match worker.join().expect("an ingest encoder does not panic") {
+                Ok((a, p)) => {
+                    added += a;
+                    present += p;
                 }
+                Err(EncodeError::Store(e)) => errors.push(Some(store_err(e))),
+                Err(EncodeError::Input(e)) => errors.push(Some(e)),
             }
-            let committed = committer
-                .join()
-                .expect("the ingest committer does not panic");
-            errors.push(committed.err().map(store_err));
-            errors.into_iter().flatten().next().map_or(Ok(()), Err)
-        })
-    };
+        }
+        let committed = committer
+            .join()
+            .expect("the ingest committer does not panic");
+        errors.push(committed.err().map(store_err));
+        errors
+            .into_iter()
+            .flatten()
+            .next()
+            .map_or(Ok((added, present)), Err)
+    })
+}
 
+/// Syncs the store whatever happened (chunks stored before a failure are valid and useful),
+/// and completes the report.
+fn finish(
+    store: &DiskStore,
+    path: &Path,
+    started: Instant,
+    outcome: Result<(u64, u64), IngestError>,
+    mut report: IngestReport,
+) -> Result<IngestReport, IngestError> {
     let synced = store.sync().map_err(|source| IngestError::Sync {
         path: path.to_path_buf(),
         root: store.root().to_path_buf(),
@@ -216,11 +367,13 @@ pub fn ingest_files<P: AsRef<Path>>(
     });
     report.seconds = started.elapsed().as_secs_f64();
     match (outcome, synced) {
-        (Ok(()), Ok(())) => {
+        (Ok((added, present)), Ok(())) => {
+            report.chunks_added += added;
+            report.chunks_present += present;
             debug!(path = %path.display(), ?report, "ingested");
             Ok(report)
         }
-        (Ok(()), Err(e)) => Err(e),
+        (Ok(_), Err(e)) => Err(e),
         (Err(e), synced) => {
             if let Err(sync) = synced {
                 warn!(error = %sync, "could not sync the chunks stored before the ingest failed");
@@ -269,24 +422,38 @@ fn chunk_loop(
     Ok(())
 }
 
-/// Runs on each encoder thread: compresses and stores queued chunks, and wakes the committer
-/// when a pack is sealed. Returns (chunks added, chunks another put stored first). After a
-/// failure it keeps draining the queue, so the chunking thread never blocks on a full one.
+/// Why an encoder stopped.
+enum EncodeError {
+    /// Its input failed (a read, in [`ingest_manifest`]).
+    Input(IngestError),
+    /// The store refused a chunk.
+    Store(StoreError),
+}
+
+/// Runs on each encoder thread: compresses and stores what `next` yields, and wakes the
+/// committer when a pack is sealed. Returns (chunks added, chunks another put stored first).
+/// After a failure it keeps taking from `next` without storing, until `next` ends.
 fn encode_loop(
     store: &DiskStore,
-    rx: &Mutex<Receiver<Span>>,
+    next: &Next<'_>,
     level: i32,
     commit: &SyncSender<()>,
     failed: &AtomicBool,
-) -> Result<(u64, u64), StoreError> {
+) -> Result<(u64, u64), EncodeError> {
     let (mut added, mut present) = (0, 0);
     let mut error = None;
-    loop {
-        let next = rx.lock().expect("ingest queue lock").recv();
-        let Ok(span) = next else { break };
+    while let Some(span) = next() {
         if failed.load(Ordering::Relaxed) {
             continue;
         }
+        let span = match span {
+            Ok(span) => span,
+            Err(e) => {
+                failed.store(true, Ordering::Relaxed);
+                error = Some(EncodeError::Input(e));
+                continue;
+            }
+        };
         let encoded = codec::encode(&span.data, level);
         match store.put(&span.entry.id, span.entry.len, &encoded) {
             Ok(true) => added += 1,
@@ -294,7 +461,7 @@ fn encode_loop(
             Ok(false) => present += 1,
             Err(e) => {
                 failed.store(true, Ordering::Relaxed);
-                error = Some(e);
+                error = Some(EncodeError::Store(e));
                 continue;
             }
         }

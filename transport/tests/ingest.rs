@@ -2,7 +2,8 @@
 //! file towards that store sends no chunk, and of a 5%-rewritten copy only the new chunks; the
 //! stored records are byte for byte what a receiver stores; a second ingest adds nothing, and
 //! what the first added survived reopening the store; zero chunks are never stored; failures
-//! name the file. Transfers run over real QUIC on the loopback, every wait has a deadline and
+//! name the file. The manifest a sender returns keeps the same chunks without cutting the
+//! file again, and is refused for other files or for a file changed since. Transfers run over real QUIC on the loopback, every wait has a deadline and
 //! nothing sleeps.
 
 use std::collections::HashSet;
@@ -16,7 +17,7 @@ use std::time::Duration;
 use tempfile::TempDir;
 use tokio::time::timeout;
 use transport::chunker::Chunker;
-use transport::ingest::{ingest_file, IngestError, IngestReport};
+use transport::ingest::{ingest_file, ingest_manifest, IngestError, IngestReport};
 use transport::quic::{self, ReceiveOptions, SendOptions, SendReport};
 use transport::store::DiskStore;
 use transport::tls::{init_certs, NodeIdentity};
@@ -67,7 +68,11 @@ impl Lab {
             quic::client_endpoint(&self.sender, Some("receiver"), quic::DEFAULT_IDLE_TIMEOUT)
                 .unwrap();
         let out = self.path("out.bin");
-        let (send, receive) = (SendOptions::default(), ReceiveOptions::default());
+        let send = SendOptions {
+            keep_manifest: true,
+            ..SendOptions::default()
+        };
+        let receive = ReceiveOptions::default();
         let receiving = quic::receive_file(&server, store.clone(), &out, &receive);
         let sending = quic::send_file(&client, addr, src, &send);
         let (received, sent) = timeout(DEADLINE, async { tokio::join!(receiving, sending) })
@@ -360,4 +365,65 @@ fn failures_name_the_file() {
         "{err}"
     );
     assert!(store.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_senders_manifest_keeps_the_same_chunks_and_is_refused_for_other_bytes() {
+    let lab = Lab::new();
+    let src = lab.path("src.bin");
+    write_source(&src, 16 << 20, 6);
+    let received = lab.store("received");
+    let sent = lab.transfer(&received, &src).await;
+    assert_eq!(sent.manifest.len() as u64, sent.chunks);
+
+    let cut = lab.store("cut");
+    let by_cutting = ingest_file(&cut, &src, 1).unwrap();
+    let kept = lab.store("kept");
+    let by_manifest = ingest_manifest(&kept, &[&src], &sent.manifest, 1).unwrap();
+    check_sums(&by_manifest, &src);
+    assert_eq!(by_manifest.chunks, by_cutting.chunks);
+    assert_eq!(by_manifest.zero_chunks, by_cutting.zero_chunks);
+    assert_eq!(by_manifest.chunks_added, by_cutting.chunks_added);
+    assert_eq!(kept.len(), received.len());
+    for (_, entry) in sent.manifest.iter().filter(|(_, e)| !e.zero) {
+        let theirs = received.get_encoded(&entry.id).unwrap().expect("received");
+        let ours = kept.get_encoded(&entry.id).unwrap().expect("kept");
+        assert!(ours.payload == theirs.payload, "chunk {}", entry.id);
+    }
+    let again = ingest_manifest(&kept, &[&src], &sent.manifest, 1).unwrap();
+    assert_eq!(again.chunks_added, 0);
+
+    // Another file: the manifest does not cover it, and nothing is stored.
+    let other = lab.path("other.bin");
+    write_source(&other, 8 << 20, 7);
+    let empty = lab.store("empty");
+    let err = ingest_manifest(&empty, &[&other], &sent.manifest, 1).unwrap_err();
+    assert!(matches!(err, IngestError::Manifest { .. }), "{err:?}");
+    assert!(err.to_string().contains("other.bin"), "{err}");
+    assert!(empty.is_empty());
+
+    // The file changed after it was sent: the changed chunk is refused, never stored under the
+    // old id, and the error names the file.
+    let (offset, entry) = *sent
+        .manifest
+        .iter()
+        .find(|(_, e)| !e.zero)
+        .expect("a non-zero chunk");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&src)
+        .unwrap();
+    let old = {
+        let mut b = [0u8; 1];
+        file.read_exact_at(&mut b, offset).unwrap();
+        b[0]
+    };
+    file.write_all_at(&[old ^ 0xff], offset).unwrap();
+    let fresh = lab.store("fresh");
+    let err = ingest_manifest(&fresh, &[&src], &sent.manifest, 1).unwrap_err();
+    assert!(matches!(err, IngestError::Read { .. }), "{err:?}");
+    assert!(err.to_string().contains("src.bin"), "{err}");
+    assert!(err.to_string().contains("changed"), "{err}");
+    assert!(!fresh.contains(&entry.id));
 }
