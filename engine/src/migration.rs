@@ -1057,7 +1057,7 @@ impl Migration {
             let _held = held;
             let kept = match manifest.is_empty() {
                 true => transport::ingest::ingest_files(&store, &files, level),
-                false => transport::ingest::ingest_manifest(&store, &files, &manifest, level),
+                false => transport::ingest::ingest_manifest(&store, &files, &manifest, level, true),
             };
             match kept {
                 Ok(r) => info!(

@@ -178,7 +178,11 @@ pub fn ingest_files<P: AsRef<Path>>(
         Some(Ok(span))
     };
     let failed = AtomicBool::new(false);
-    let outcome = encode_all(store, path, level, encoders, &next, &failed, || {
+    let threads = Threads {
+        encoders,
+        background: false,
+    };
+    let outcome = encode_all(store, path, level, threads, &next, &failed, || {
         chunk_loop(store, path, file, span_tx, &failed, &mut report)
     });
     finish(store, path, started, outcome, report)
@@ -190,11 +194,16 @@ pub fn ingest_files<P: AsRef<Path>>(
 /// must not have changed since they were sent), encoded on every core and stored. A manifest
 /// that does not tile the files exactly, from offset 0 to their end, is refused before
 /// anything is stored.
+///
+/// With `background`, the threads it starts run at the lowest CPU priority (nice 19): they
+/// take only CPU time nothing else on the node wants, as when a source keeps its chunks while
+/// the destination, on the same machine or a busy one, restores the container.
 pub fn ingest_manifest<P: AsRef<Path>>(
     store: &DiskStore,
     paths: &[P],
     manifest: &[(u64, ManifestEntry)],
     level: i32,
+    background: bool,
 ) -> Result<IngestReport, IngestError> {
     let started = Instant::now();
     let (path, source) = open(paths)?;
@@ -240,7 +249,11 @@ pub fn ingest_manifest<P: AsRef<Path>>(
         Some(read_chunk(&source, offset, &entry))
     };
     let encoders = cores().clamp(1, MAX_ENCODERS);
-    let outcome = encode_all(store, path, level, encoders, &next, &failed, || Ok(()));
+    let threads = Threads {
+        encoders,
+        background,
+    };
+    let outcome = encode_all(store, path, level, threads, &next, &failed, || Ok(()));
     finish(store, path, started, outcome, report)
 }
 
@@ -281,10 +294,31 @@ fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// The threads [`encode_all`] starts.
+#[derive(Clone, Copy)]
+struct Threads {
+    /// How many encode.
+    encoders: usize,
+    /// They run at the lowest CPU priority (see [`ingest_manifest`]).
+    background: bool,
+}
+
+impl Threads {
+    /// Called first on each thread started.
+    fn started(self) {
+        if self.background {
+            // On Linux the priority is the calling thread's own.
+            if let Err(e) = rustix::process::setpriority_process(None, 19) {
+                debug!(error = %e, "could not lower an ingest thread's priority");
+            }
+        }
+    }
+}
+
 /// What may come next for an encoder: a chunk to store, a failure to report, or the end.
 type Next<'a> = dyn Fn() -> Option<Result<Span, IngestError>> + Sync + 'a;
 
-/// Runs `encoders` threads that store what `next` yields, one committer thread, and `feed` on
+/// Runs `threads.encoders` threads that store what `next` yields, one committer thread, and `feed` on
 /// the calling thread. Any thread that fails sets `failed`, which `next` and `feed` may watch
 /// to stop early. Returns (chunks added, chunks a concurrent put stored first); the first
 /// error wins.
@@ -292,7 +326,7 @@ fn encode_all(
     store: &DiskStore,
     path: &Path,
     level: i32,
-    encoders: usize,
+    threads: Threads,
     next: &Next<'_>,
     failed: &AtomicBool,
     feed: impl FnOnce() -> Result<(), IngestError>,
@@ -312,14 +346,18 @@ fn encode_all(
         // started see their queues close and end.
         let committer = std::thread::Builder::new()
             .name("ingest-commit".into())
-            .spawn_scoped(s, move || commit_loop(store, commit_rx, failed))
+            .spawn_scoped(s, move || {
+                threads.started();
+                commit_loop(store, commit_rx, failed)
+            })
             .map_err(spawn_err)?;
-        let mut workers = Vec::with_capacity(encoders);
-        for _ in 0..encoders {
+        let mut workers = Vec::with_capacity(threads.encoders);
+        for _ in 0..threads.encoders {
             let commit_tx = commit_tx.clone();
             let worker = std::thread::Builder::new()
                 .name("ingest-encode".into())
                 .spawn_scoped(s, move || {
+                    threads.started();
                     encode_loop(store, next, level, &commit_tx, failed)
                 })
                 .map_err(spawn_err)?;

@@ -379,7 +379,7 @@ async fn the_senders_manifest_keeps_the_same_chunks_and_is_refused_for_other_byt
     let cut = lab.store("cut");
     let by_cutting = ingest_file(&cut, &src, 1).unwrap();
     let kept = lab.store("kept");
-    let by_manifest = ingest_manifest(&kept, &[&src], &sent.manifest, 1).unwrap();
+    let by_manifest = ingest_manifest(&kept, &[&src], &sent.manifest, 1, true).unwrap();
     check_sums(&by_manifest, &src);
     assert_eq!(by_manifest.chunks, by_cutting.chunks);
     assert_eq!(by_manifest.zero_chunks, by_cutting.zero_chunks);
@@ -390,14 +390,14 @@ async fn the_senders_manifest_keeps_the_same_chunks_and_is_refused_for_other_byt
         let ours = kept.get_encoded(&entry.id).unwrap().expect("kept");
         assert!(ours.payload == theirs.payload, "chunk {}", entry.id);
     }
-    let again = ingest_manifest(&kept, &[&src], &sent.manifest, 1).unwrap();
+    let again = ingest_manifest(&kept, &[&src], &sent.manifest, 1, false).unwrap();
     assert_eq!(again.chunks_added, 0);
 
     // Another file: the manifest does not cover it, and nothing is stored.
     let other = lab.path("other.bin");
     write_source(&other, 8 << 20, 7);
     let empty = lab.store("empty");
-    let err = ingest_manifest(&empty, &[&other], &sent.manifest, 1).unwrap_err();
+    let err = ingest_manifest(&empty, &[&other], &sent.manifest, 1, false).unwrap_err();
     assert!(matches!(err, IngestError::Manifest { .. }), "{err:?}");
     assert!(err.to_string().contains("other.bin"), "{err}");
     assert!(empty.is_empty());
@@ -421,7 +421,7 @@ async fn the_senders_manifest_keeps_the_same_chunks_and_is_refused_for_other_byt
     };
     file.write_all_at(&[old ^ 0xff], offset).unwrap();
     let fresh = lab.store("fresh");
-    let err = ingest_manifest(&fresh, &[&src], &sent.manifest, 1).unwrap_err();
+    let err = ingest_manifest(&fresh, &[&src], &sent.manifest, 1, false).unwrap_err();
     assert!(matches!(err, IngestError::Read { .. }), "{err:?}");
     assert!(err.to_string().contains("src.bin"), "{err}");
     assert!(err.to_string().contains("changed"), "{err}");
