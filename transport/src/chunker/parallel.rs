@@ -25,7 +25,7 @@ use super::{cut_entry, Masks};
 use crate::{ChunkId, ManifestEntry, MAX_CHUNK_LEN};
 
 /// Bytes of the stream each worker cuts at a time.
-pub const SEGMENT_LEN: usize = 8 << 20;
+pub const SEGMENT_LEN: usize = 4 << 20;
 
 /// One segment's cuts, as (offset, entry), or why it could not be read.
 type SegmentCuts = io::Result<Vec<(u64, ManifestEntry)>>;
