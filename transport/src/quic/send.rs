@@ -466,8 +466,9 @@ fn take_input(
     }
 }
 
-/// Runs on its own thread: cuts the source on every core (the very cuts of a [`crate::chunker::Chunker`]) and
-/// hands entries to the session in order, blocking when the session's window is full.
+/// Runs on its own thread: cuts the source on every core (the very cuts of a
+/// [`crate::chunker::Chunker`]) and hands entries to the session in order, blocking when the
+/// session's window is full.
 fn chunk_source_stream(source: &Arc<Source>, tx: &mpsc::Sender<Input>) {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let read_at = |buf: &mut [u8], at: u64| source.read_exact_at(buf, at);
