@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
+use transport::protocol::Held;
 use transport::quic::{self, ReceiveOptions, ReceiveReport, TransferError};
 
 use crate::archive::Limits;
@@ -58,6 +59,9 @@ struct Round {
     out: PathBuf,
     /// The page images received as files of their own, into [`IMAGES_FOLDER`] (final round).
     pages: Vec<PageImage>,
+    /// What a pre-copy round's output holds, chunk by offset, once it is received: the next
+    /// round is built over that output and leaves those chunks where they lie.
+    held: Option<oneshot::Receiver<Held>>,
 }
 
 /// Where, in a migration's work folder, the final round's page images are received.
@@ -186,18 +190,22 @@ impl Destinations {
             resume_timeout: node.config.resume_timeout,
             ..ReceiveOptions::default()
         };
+        let mut held_before = None;
         let routed: Option<Result<bool, String>> = self.touch(&hello.migration_id, |inc| {
             let round = hello.round;
             if !inc.rounds.contains_key(&round) && round != BASE_IMAGE_ROUND {
                 // The next checkpoint is mostly the last one's bytes: built over the last
                 // pre-copy round's output, it rewrites those pages instead of allocating new
                 // ones. That output is kept until then for this alone.
-                options.reuse = inc
+                if let Some((_, last)) = inc
                     .rounds
-                    .iter()
+                    .iter_mut()
                     .filter(|(r, _)| **r != 0 && **r != BASE_IMAGE_ROUND)
                     .max_by_key(|(r, _)| **r)
-                    .map(|(_, last)| last.out.clone());
+                {
+                    options.reuse = Some(last.out.clone());
+                    held_before = last.held.take();
+                }
                 // The final archive's page images go straight to files CRIU restores from
                 // (the first built over the last pre-copy round's pages).
                 if round == 0 && !hello.pages.is_empty() {
@@ -217,14 +225,36 @@ impl Destinations {
                 });
                 let (tx, mut rx) = mpsc::channel(4);
                 let task_out = out.clone();
+                // A pre-copy round's output is what the next round is built over.
+                let (held_tx, held) = match round {
+                    0 | BASE_IMAGE_ROUND => (None, None),
+                    _ => {
+                        let (tx, rx) = oneshot::channel();
+                        (Some(tx), Some(rx))
+                    }
+                };
+                options.keep_held = held_tx.is_some();
                 let task = tokio::spawn(async move {
-                    quic::receive_file_from(&mut rx, store, &task_out, &options).await
+                    // The earlier round's output is at its final name once its receiver is
+                    // done (at once: its sender waited for that before this round).
+                    if let Some(before) = held_before {
+                        options.held = before.await.ok().map(Arc::new);
+                    }
+                    let mut received =
+                        quic::receive_file_from(&mut rx, store, &task_out, &options).await;
+                    if let (Ok(report), Some(tx)) = (&mut received, held_tx) {
+                        if let Some(held) = report.held.take() {
+                            let _ = tx.send(held);
+                        }
+                    }
+                    received
                 });
                 Round {
                     conns: tx,
                     task: Some(task),
                     out,
                     pages: hello.pages.clone(),
+                    held,
                 }
             });
             Ok(entry.conns.try_send(conn).is_ok())
@@ -427,11 +457,12 @@ impl Destinations {
                 (pages.unwrap_or_default(), inc.dir.join(IMAGES_FOLDER))
             })
             .unwrap_or_default();
-        let (_, archive) = match self.finished_round(node, &req.migration_id, 0).await {
+        let (report, archive) = match self.finished_round(node, &req.migration_id, 0).await {
             Ok(r) => r,
             Err(reply) => return reply,
         };
         let received = started.elapsed();
+        let in_place = report.chunks_in_place;
         let runtime = node.runtime.clone();
         let container = req.container.clone();
         let a = archive.clone();
@@ -464,6 +495,8 @@ impl Destinations {
             info!(
                 migration_id = %id,
                 received_ms = received.as_millis() as u64,
+                chunks = report.chunks,
+                chunks_in_place = in_place,
                 checked_ms = checked.as_millis() as u64,
                 page_images_as_files = pages.len(),
                 restored_ms = restoring.elapsed().as_millis() as u64,

@@ -143,15 +143,23 @@ impl fmt::Debug for ManifestDigest {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn entry(byte: u8, len: u32) -> ManifestEntry {
+impl ManifestEntry {
+    /// For tests: the entry of `len` bytes equal to `byte` (a zero entry when `byte` is 0).
+    pub(crate) fn filled(byte: u8, len: u32) -> ManifestEntry {
         ManifestEntry {
             id: ChunkId::of(&vec![byte; len as usize]),
             len,
             zero: byte == 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(byte: u8, len: u32) -> ManifestEntry {
+        ManifestEntry::filled(byte, len)
     }
 
     #[test]

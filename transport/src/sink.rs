@@ -9,7 +9,8 @@
 //! stream's length (its pieces read as zeros, at no cost in disk or memory) and the pages are
 //! never copied again. Any file can be built over an earlier one (`reuse`): that file is renamed
 //! to the partial name and rewritten in place, its zero runs punched out, so its pages are
-//! reused rather than allocated anew. Every file is written under a `.partial` name and renamed
+//! reused rather than allocated anew; told what that file held ([`Held`]), the receiver does
+//! not even rewrite the chunks that lie where they already lay. Every file is written under a `.partial` name and renamed
 //! only once the whole stream is in and checked; a failed transfer removes them all.
 
 use std::fs::{File, OpenOptions};
@@ -21,6 +22,7 @@ use std::sync::Arc;
 use tracing::warn;
 
 use super::quic::TransferError;
+use crate::protocol::{Held, InPlace};
 
 /// A range of the stream written to a file of its own instead of the output.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +47,8 @@ struct Target {
     /// The partial file starts with an earlier file's bytes: zero runs must be punched out,
     /// and it is not truncated when a resumed connection starts over.
     overwrite: bool,
+    /// That earlier file's name, when `overwrite`.
+    built_over: Option<PathBuf>,
 }
 
 /// The files of one transfer, across the connections that carry it: named and checked once,
@@ -95,10 +99,36 @@ impl Layout {
                     path: path.to_path_buf(),
                     partial,
                     overwrite,
+                    built_over: reuse.filter(|_| overwrite).map(Path::to_path_buf),
                 }
             })
             .collect();
         Ok(Layout { targets })
+    }
+
+    /// Where the stream lands in the file built over `held`'s file, if one is: its entries
+    /// found there in place need no writing. Not for an output that has pieces (its offsets
+    /// skip theirs).
+    pub(crate) fn in_place(&self, held: Option<&Arc<Held>>) -> Option<InPlace> {
+        let held = held?;
+        let (i, target) = self
+            .targets
+            .iter()
+            .enumerate()
+            .find(|(_, t)| t.overwrite && t.built_over.as_deref() == Some(held.path()))?;
+        if i == 0 && self.targets.len() > 1 {
+            return None;
+        }
+        Some(InPlace {
+            start: target.start,
+            len: target.len,
+            held: held.clone(),
+        })
+    }
+
+    /// The output's final name.
+    pub(crate) fn output(&self) -> &Path {
+        &self.targets[0].path
     }
 
     /// The partial output, where the whole stream lands but for its pieces.

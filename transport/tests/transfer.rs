@@ -131,12 +131,23 @@ async fn send_files_to(
     out: &Path,
     options: &ReceiveOptions,
 ) -> (quic::ReceiveReport, quic::SendReport) {
+    send_files_into(lab, lab.store(), files, out, options).await
+}
+
+/// [`send_files_to`] a receiver with the chunk store `store`.
+async fn send_files_into(
+    lab: &Lab,
+    store: Arc<DiskStore>,
+    files: &[&std::path::PathBuf],
+    out: &Path,
+    options: &ReceiveOptions,
+) -> (quic::ReceiveReport, quic::SendReport) {
     let server =
         quic::server_endpoint(&lab.receiver, loopback(), quic::DEFAULT_IDLE_TIMEOUT).unwrap();
     let addr = server.local_addr().unwrap();
     let client =
         quic::client_endpoint(&lab.sender, Some("receiver"), quic::DEFAULT_IDLE_TIMEOUT).unwrap();
-    let receiving = quic::receive_file(&server, lab.store(), out, options);
+    let receiving = quic::receive_file(&server, store, out, options);
     let sending = quic::send_files(&client, addr, files, &SEND);
     let (received, sent) = timeout(DEADLINE, async { tokio::join!(receiving, sending) })
         .await
@@ -185,6 +196,66 @@ async fn a_range_of_the_stream_written_to_its_own_file() {
         "the piece's range of the output is not a hole"
     );
     assert!(!stale.exists(), "the stale file was left behind");
+}
+
+/// A migration's final round: the stream is a header, then the memory of an earlier round with
+/// a few pages rewritten. Its memory goes to a file built over that round's output, whose
+/// chunks the receiver kept (`keep_held`, then `held`): only the rewritten pages and the
+/// header come over the wire, though the receiver's store is empty, and the rest is left where
+/// it lies.
+#[tokio::test]
+async fn a_file_built_over_a_held_output_gets_only_what_changed() {
+    let lab = Lab::new();
+    let memory = lab.path("memory.bin");
+    write_source(&memory, 6 << 20, 7);
+    let first = lab.path("round1.bin");
+    let keep = ReceiveOptions {
+        keep_held: true,
+        ..ReceiveOptions::default()
+    };
+    let (received, _) = send_files_to(&lab, &[&memory], &first, &keep).await;
+    let held = received
+        .held
+        .expect("the receiver kept the output's chunks");
+    assert_eq!(held.path(), first);
+    assert!(!held.is_empty());
+
+    // Three pages rewritten, past the first chunks, and a header in front of it all.
+    let mut bytes = std::fs::read(&memory).unwrap();
+    for page in [300usize, 700, 1100] {
+        bytes[page * 4096..(page + 1) * 4096].fill(0x5a);
+    }
+    std::fs::write(&memory, &bytes).unwrap();
+    let header = lab.path("header.bin");
+    std::fs::write(&header, vec![b'h'; 3000]).unwrap();
+    let pages = lab.path("pages.bin");
+    let options = ReceiveOptions {
+        held: Some(Arc::new(held)),
+        pieces: vec![quic::Piece {
+            offset: 3000,
+            len: bytes.len() as u64,
+            path: pages.clone(),
+            reuse: Some(first.clone()),
+        }],
+        ..ReceiveOptions::default()
+    };
+    let empty = Arc::new(DiskStore::open(&lab.path("empty-store"), None).unwrap());
+    let out = lab.path("final.tar");
+    let (received, sent) = send_files_into(&lab, empty, &[&header, &memory], &out, &options).await;
+    assert!(std::fs::read(&pages).unwrap() == bytes, "the pages differ");
+    assert!(
+        received.chunks_in_place * 10 > received.chunks * 6,
+        "only {} of {} chunks were found in place",
+        received.chunks_in_place,
+        received.chunks
+    );
+    assert!(
+        sent.wire_bytes * 10 < sent.input_bytes,
+        "{} bytes of {} went over the wire",
+        sent.wire_bytes,
+        sent.input_bytes
+    );
+    assert!(!first.exists(), "the earlier output was left behind");
 }
 
 /// Forwards UDP between clients and one server; while `dark` is set it drops everything.

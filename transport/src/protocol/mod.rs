@@ -34,6 +34,8 @@
 //! - a zero entry is never written (the output is created empty, so it reads back as zeros),
 //!   and its id must be the hash of that many zero bytes ([`ProtocolError::BadZeroEntry`]), so
 //!   the sender cannot flag other data as zeros;
+//! - an entry found in place ([`InPlace`]) is not written: the same chunk lies at the same
+//!   offset of the file the output is built over, verified when an earlier round wrote it;
 //! - both sides compute the [`crate::ManifestDigest`] of the manifest, the sender over the
 //!   entries it chunked with their source offsets, the receiver over the entries it placed
 //!   with their output offsets; the receiver refuses an `End` whose digest differs
@@ -48,6 +50,7 @@
 //! extra frames: a new connection starts a new pair of sessions over the same chunk store, and
 //! every chunk that reached the store before the drop is simply not needed again.
 
+pub mod held;
 mod receiver;
 mod sender;
 #[cfg(test)]
@@ -55,6 +58,7 @@ mod tests;
 
 use std::time::Duration;
 
+pub use held::{Held, InPlace};
 pub use receiver::{Receiver, ReceiverConfig, ReceiverStats, StoreCopy};
 pub use sender::{ChunkRequest, Sender, SenderConfig, SenderStats};
 

@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use super::ProtocolError;
+use super::{Held, InPlace, ProtocolError};
 use crate::frame::{Frame, VERSION};
 use crate::{ChunkId, ManifestDigest, ManifestEntry, MAX_CHUNK_LEN};
 
@@ -52,8 +52,12 @@ pub struct ReceiverStats {
     pub chunks: u64,
     /// Chunks that came over the wire.
     pub chunks_received: u64,
-    /// Entries served from the store or from zeros.
+    /// Entries served from the store, from zeros, or found in place.
     pub chunks_reused: u64,
+    /// Entries found in place in a file the output is built over (see [`InPlace`]).
+    pub chunks_in_place: u64,
+    /// Their bytes, each occurrence counted.
+    pub bytes_in_place: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,7 +99,8 @@ pub struct Receiver {
     end: Option<u64>,
     /// Digest of the entries placed so far, each with the offset it was placed at.
     digest: ManifestDigest,
-    /// Bytes of non-zero entries placed (each occurrence): what the driver must write.
+    /// Bytes of non-zero entries placed (each occurrence) and not found in place: what the
+    /// driver must write.
     data_bytes: u64,
     /// The id of `len` zero bytes, by `len`, for the zero entries seen.
     zero_ids: HashMap<u32, ChunkId>,
@@ -104,6 +109,10 @@ pub struct Receiver {
     last_heard: Instant,
     stats: ReceiverStats,
     error: Option<ProtocolError>,
+    /// Where entries may already lie in the output, if it is built over a known file.
+    in_place: Option<InPlace>,
+    /// The output's chunks by offset, when the caller wants them kept.
+    held: Option<Held>,
 }
 
 impl Receiver {
@@ -126,6 +135,30 @@ impl Receiver {
             last_heard: now,
             stats: ReceiverStats::default(),
             error: None,
+            in_place: None,
+            held: None,
+        }
+    }
+
+    /// The output is built over a file whose chunks are known: entries found in place there
+    /// are neither asked for nor copied (see [`super::held`]).
+    pub fn with_in_place(mut self, in_place: Option<InPlace>) -> Self {
+        self.in_place = in_place;
+        self
+    }
+
+    /// Keeps the output's chunks by offset as they are listed, for [`Receiver::take_held`]:
+    /// a later transfer built over the output (at `path`) then writes only what differs.
+    pub fn keeping_held(mut self, path: Option<&std::path::Path>) -> Self {
+        self.held = path.map(Held::new);
+        self
+    }
+
+    /// The chunks of the output, once [`Receiver::finish`] succeeded and if they were kept.
+    pub fn take_held(&mut self) -> Option<Held> {
+        match self.phase {
+            Phase::Done => self.held.take(),
+            _ => None,
         }
     }
 
@@ -245,6 +278,9 @@ impl Receiver {
                 });
             }
             self.digest.push(offset, entry);
+            if let Some(held) = &mut self.held {
+                held.push(offset, entry);
+            }
             if entry.zero {
                 // The output is created empty and sized at the end: zeros cost nothing. The
                 // zeros it reads back are this entry's bytes only if its id says so.
@@ -256,6 +292,16 @@ impl Receiver {
                     });
                 }
                 self.stats.chunks_reused += 1;
+                continue;
+            }
+            if self
+                .in_place
+                .as_ref()
+                .is_some_and(|p| p.holds(offset, entry))
+            {
+                self.stats.chunks_reused += 1;
+                self.stats.chunks_in_place += 1;
+                self.stats.bytes_in_place += u64::from(entry.len);
                 continue;
             }
             self.data_bytes += u64::from(entry.len);

@@ -447,11 +447,7 @@ fn empty_stream_completes() {
 }
 
 fn entry(byte: u8, len: u32) -> ManifestEntry {
-    ManifestEntry {
-        id: ChunkId::of(&vec![byte; len as usize]),
-        len,
-        zero: byte == 0,
-    }
+    ManifestEntry::filled(byte, len)
 }
 
 fn welcomed_receiver(stream_len: u64) -> Receiver {
@@ -789,6 +785,71 @@ fn receiver_refuses_a_zero_entry_whose_id_is_not_zeros() {
         }
     );
     assert_aborts(&mut r, AbortCode::Protocol);
+}
+
+/// Built over a file that held `a` at 0 and `b` at 100: `a` at 0 is in place (neither asked
+/// for nor written), `a` at 200 and `b` at 0 of a second manifest are not; the kept chunks of
+/// the new output say where each lies now.
+#[test]
+fn entries_found_in_place_are_neither_asked_for_nor_written() {
+    let now = Instant::now();
+    let (a, b, z) = (entry(1, 100), entry(2, 100), entry(0, 100));
+    let mut old = Held::new(std::path::Path::new("old"));
+    old.push(0, &a);
+    old.push(100, &b);
+    let in_place = InPlace {
+        start: 0,
+        len: None,
+        held: std::sync::Arc::new(old),
+    };
+    let mut r = Receiver::new(ReceiverConfig::default(), now)
+        .with_in_place(Some(in_place))
+        .keeping_held(Some(std::path::Path::new("new")));
+    for frame in [
+        Frame::Hello {
+            version: VERSION,
+            stream_len: 400,
+        },
+        Frame::Manifest {
+            first_index: 0,
+            entries: vec![a, z, a, b],
+        },
+    ] {
+        r.handle_frame(frame, &|_| false, now).unwrap();
+    }
+    let _ = r.poll_transmit();
+    match r.poll_transmit() {
+        Some(Frame::Need { needed, .. }) => assert_eq!(needed, vec![2, 3]),
+        other => panic!("expected a Need, got {other:?}"),
+    }
+    for id in [a.id, b.id] {
+        r.accept_chunk(&id, 100, now).unwrap();
+    }
+    assert_eq!(r.chunk_stored(&a.id), vec![200]);
+    assert_eq!(r.chunk_stored(&b.id), vec![300]);
+    r.handle_frame(
+        Frame::End {
+            total_len: 400,
+            entries: 4,
+            manifest_digest: digest_of(&[a, z, a, b]),
+        },
+        &|_| false,
+        now,
+    )
+    .unwrap();
+    assert_eq!(
+        r.data_bytes(),
+        200,
+        "the entry in place is not to be written"
+    );
+    r.finish(200).unwrap();
+    let stats = r.stats();
+    assert_eq!((stats.chunks_in_place, stats.bytes_in_place), (1, 100));
+    let mut new = Held::new(std::path::Path::new("new"));
+    for (offset, e) in [(0, a), (100, z), (200, a), (300, b)] {
+        new.push(offset, &e);
+    }
+    assert_eq!(r.take_held(), Some(new));
 }
 
 #[test]

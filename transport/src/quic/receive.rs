@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 use super::{classify, sleep_until, write_frame, FrameReader, SessionError, TransferError};
 use crate::codec::{self, Encoded, Encoding};
 use crate::frame::{AbortCode, Frame};
-use crate::protocol::{ProtocolError, Receiver, ReceiverConfig, StoreCopy};
+use crate::protocol::{Held, ProtocolError, Receiver, ReceiverConfig, StoreCopy};
 use crate::sink::{Layout, Piece, Sink};
 use crate::store::{DiskStore, StoreError};
 use crate::ChunkId;
@@ -35,6 +35,13 @@ pub struct ReceiveOptions {
     /// place (zero runs punched as holes), so its pages are reused rather than allocated
     /// anew; it is gone afterwards, whatever the outcome. A missing file is ignored.
     pub reuse: Option<PathBuf>,
+    /// What an earlier file held, chunk by offset: `reuse` or the `reuse` of a piece, the one
+    /// named [`Held::path`]. Entries that lie in the file built over it where the same chunk
+    /// already lay are not written again, nor fetched, nor copied from the store.
+    pub held: Option<Arc<Held>>,
+    /// Keep the output's chunks by offset in [`ReceiveReport::held`], for a later transfer
+    /// built over the output. Only for an output without pieces.
+    pub keep_held: bool,
     /// Ranges of the stream written to files of their own rather than the output, where they
     /// are left as holes (see [`crate::sink`]): in stream order, not overlapping.
     pub pieces: Vec<Piece>,
@@ -52,6 +59,8 @@ impl Default for ReceiveOptions {
             protocol: ReceiverConfig::default(),
             resume_timeout: Duration::from_secs(60),
             reuse: None,
+            held: None,
+            keep_held: false,
             pieces: Vec::new(),
             progress: None,
         }
@@ -67,8 +76,14 @@ pub struct ReceiveReport {
     pub chunks: u64,
     /// Chunks that came over the wire in the final connection.
     pub chunks_received: u64,
-    /// Chunks taken from the store or written as zeros.
+    /// Chunks taken from the store, written as zeros or found in place.
     pub chunks_reused: u64,
+    /// Chunks found in place in the file the output was built over (see
+    /// [`ReceiveOptions::held`]): not written at all.
+    pub chunks_in_place: u64,
+    /// The output's chunks by offset, when [`ReceiveOptions::keep_held`] asked for them.
+    #[serde(skip)]
+    pub held: Option<Held>,
     /// Encoded chunk bytes received, over all connections.
     pub wire_bytes: u64,
     /// Connections used (more than one when the transfer resumed).
@@ -298,12 +313,17 @@ async fn session(
     report: &mut ReceiveReport,
 ) -> Result<(), SessionError> {
     let peer = report.peer.clone();
+    let keep_held = options.keep_held && options.pieces.is_empty();
     let (mut ctrl_send, ctrl_recv) = conn.accept_bi().await.map_err(|e| classify(&peer, &e))?;
     // Truncated, whatever an earlier connection left in them, unless built over an earlier
     // file: then each zero run is punched out as it is listed.
     let sink = layout.open()?;
     let shared = Arc::new(Shared {
-        receiver: Mutex::new(Receiver::new(options.protocol.clone(), Instant::now())),
+        receiver: Mutex::new(
+            Receiver::new(options.protocol.clone(), Instant::now())
+                .with_in_place(layout.in_place(options.held.as_ref()))
+                .keeping_held(keep_held.then_some(layout.output())),
+        ),
         wake: Notify::new(),
         writes_in_flight: AtomicUsize::new(0),
         written: AtomicU64::new(0),
@@ -403,14 +423,20 @@ async fn session(
                         _ => (0, Vec::new()),
                     };
                     let has = |id: &ChunkId| store.contains(id);
-                    let handled = shared.receiver.lock().expect("receiver lock").handle_frame(frame, &has, Instant::now());
+                    // Entries found in place are complete as soon as they are listed, too.
+                    let (handled, in_place) = {
+                        let mut r = shared.receiver.lock().expect("receiver lock");
+                        let before = r.stats().bytes_in_place;
+                        let handled = r.handle_frame(frame, &has, Instant::now());
+                        (handled, r.stats().bytes_in_place - before)
+                    };
                     if handled.is_ok() {
                         if let Err(e) = runs.iter().try_for_each(|&(at, len)| shared.sink.zeros(at, len)) {
                             shared.fail(AbortCode::Io, format!("zeroing a run: {e}"));
                         }
                     }
-                    if handled.is_ok() && zeros > 0 {
-                        shared.advance(zeros);
+                    if handled.is_ok() && zeros + in_place > 0 {
+                        shared.advance(zeros + in_place);
                     }
                 }
                 Ok(None) => lost = Some(SessionError::Lost(format!("{peer} closed the control stream"))),
@@ -458,9 +484,11 @@ async fn session(
     report.chunks = stats.chunks;
     report.chunks_received = stats.chunks_received;
     report.chunks_reused = stats.chunks_reused;
+    report.chunks_in_place = stats.chunks_in_place;
     if outcome.is_ok() {
-        let r = shared.receiver.lock().expect("receiver lock");
+        let mut r = shared.receiver.lock().expect("receiver lock");
         report.bytes_written = r.total_len().unwrap_or(0);
+        report.held = r.take_held();
     }
     outcome
 }
