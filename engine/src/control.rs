@@ -343,6 +343,11 @@ pub struct Summary {
     /// [`crate::podman_archive`]) rather than exported by the runtime.
     #[serde(default)]
     pub archive_made_here: bool,
+    /// Bytes of the final archive the destination found where they already lay, in the last
+    /// pre-copy round's output it built the page images over: neither sent, copied nor
+    /// written (see `transport::protocol::held`).
+    #[serde(default)]
+    pub bytes_in_place: u64,
 }
 
 /// Writes one message.

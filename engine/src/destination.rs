@@ -462,7 +462,7 @@ impl Destinations {
             Err(reply) => return reply,
         };
         let received = started.elapsed();
-        let in_place = report.chunks_in_place;
+        let in_place = report.bytes_in_place;
         let runtime = node.runtime.clone();
         let container = req.container.clone();
         let a = archive.clone();
@@ -496,7 +496,7 @@ impl Destinations {
                 migration_id = %id,
                 received_ms = received.as_millis() as u64,
                 chunks = report.chunks,
-                chunks_in_place = in_place,
+                bytes_in_place = in_place,
                 checked_ms = checked.as_millis() as u64,
                 page_images_as_files = pages.len(),
                 restored_ms = restoring.elapsed().as_millis() as u64,
@@ -509,7 +509,11 @@ impl Destinations {
         let _ = std::fs::remove_file(&archive);
         let _ = std::fs::remove_file(&import);
         let _ = std::fs::remove_dir_all(&images.1);
-        self.record_restore(node, &req, restored).await
+        let mut reply = self.record_restore(node, &req, restored).await;
+        if let Reply::Ok { detail } = &mut reply {
+            detail["bytes_in_place"] = in_place.into();
+        }
+        reply
     }
 
     /// Checks that the restored container runs.

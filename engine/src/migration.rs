@@ -169,6 +169,7 @@ pub async fn run(node: Arc<Node>, id: String, req: MigrateRequest, events: mpsc:
         archive: None,
         kept: None,
         wire_total: 0,
+        in_place: 0,
         keep_dir: false,
     };
     info!(container = %m.req.container, to = %m.req.to_node, precopy = ?m.req.precopy, "migration started");
@@ -220,6 +221,8 @@ struct Migration {
     /// The final checkpoint's images, when the runtime kept them and the archive is made here.
     kept: Option<KeptImages>,
     wire_total: u64,
+    /// Bytes the destination found in place in its last pre-copy output (final round).
+    in_place: u64,
     /// The work folder must stay: a background task still reads it, or it holds the only
     /// copy of a container that could not be restored.
     keep_dir: bool,
@@ -414,6 +417,7 @@ impl Migration {
             self.enter(Phase::Restore, None).await;
             self.call(Request::RestoreArchive(step.clone())).await?
         };
+        self.in_place = restored["bytes_in_place"].as_u64().unwrap_or(0);
         self.enter(Phase::Verify, None).await;
         self.call(Request::Verify(step)).await?;
         let downtime = downtime_started.elapsed().as_secs_f64();
@@ -556,6 +560,7 @@ impl Migration {
             phases: self.phases.clone(),
             image,
             archive_made_here: self.kept.is_some(),
+            bytes_in_place: self.in_place,
         }
     }
 

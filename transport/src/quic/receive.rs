@@ -81,6 +81,8 @@ pub struct ReceiveReport {
     /// Chunks found in place in the file the output was built over (see
     /// [`ReceiveOptions::held`]): not written at all.
     pub chunks_in_place: u64,
+    /// Their bytes, each occurrence counted.
+    pub bytes_in_place: u64,
     /// The output's chunks by offset, when [`ReceiveOptions::keep_held`] asked for them.
     #[serde(skip)]
     pub held: Option<Held>,
@@ -485,6 +487,7 @@ async fn session(
     report.chunks_received = stats.chunks_received;
     report.chunks_reused = stats.chunks_reused;
     report.chunks_in_place = stats.chunks_in_place;
+    report.bytes_in_place = stats.bytes_in_place;
     if outcome.is_ok() {
         let mut r = shared.receiver.lock().expect("receiver lock");
         report.bytes_written = r.total_len().unwrap_or(0);
