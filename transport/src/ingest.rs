@@ -89,7 +89,7 @@ pub enum IngestError {
     Read {
         /// The file.
         path: PathBuf,
-        /// Bytes chunked before the failure.
+        /// Where in the file: the bytes chunked or read before the failure.
         offset: u64,
         /// The underlying error.
         source: io::Error,
@@ -269,10 +269,13 @@ fn read_chunk(source: &Source, offset: u64, entry: &ManifestEntry) -> Result<Spa
             ))
         }
     });
-    read.map_err(|source_err| IngestError::Read {
-        path: source.path_at(offset).to_path_buf(),
-        offset,
-        source: source_err,
+    read.map_err(|source_err| {
+        let (path, offset) = source.locate(offset);
+        IngestError::Read {
+            path: path.to_path_buf(),
+            offset,
+            source: source_err,
+        }
     })?;
     Ok(Span {
         offset,

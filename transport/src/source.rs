@@ -78,12 +78,20 @@ impl Source {
 
     /// The file that holds stream offset `offset` (the last file past the end), for messages.
     pub fn path_at(&self, offset: u64) -> &Path {
+        self.locate(offset).0
+    }
+
+    /// The file that holds stream offset `offset` and where in it (the last file past the
+    /// end), for messages.
+    pub fn locate(&self, offset: u64) -> (&Path, u64) {
         let i = self
             .part_at(offset)
             .unwrap_or(self.parts.len().saturating_sub(1));
         self.parts
             .get(i)
-            .map_or(Path::new("(no file)"), |p| p.path.as_path())
+            .map_or((Path::new("(no file)"), offset), |p| {
+                (p.path.as_path(), offset.saturating_sub(p.start))
+            })
     }
 
     /// Index of the part holding `offset`, skipping empty files.
@@ -184,6 +192,7 @@ mod tests {
             }
         }
         assert_eq!(source.path_at(3), paths[2]);
+        assert_eq!(source.locate(4), (paths[2].as_path(), 1));
         let mut past = [0u8; 2];
         let err = source.read_exact_at(&mut past, 9).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
