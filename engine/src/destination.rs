@@ -394,6 +394,7 @@ impl Destinations {
                     "image": loaded,
                     "archive_bytes": report.bytes_written,
                     "wire_bytes": report.wire_bytes,
+                    "bytes_in_place": report.bytes_in_place,
                     "seconds": started.elapsed().as_secs_f64(),
                 }))
             }

@@ -408,16 +408,19 @@ impl Migration {
                 .image_only_summary(files, manifest, report, precopy_done, image)
                 .await);
         }
+        // The reply of the step that waited for the final round says what it found in place.
         let restored = if self.req.via_image {
             self.enter(Phase::Assemble, None).await;
-            self.call(Request::Assemble(step.clone())).await?;
+            let assembled = self.call(Request::Assemble(step.clone())).await?;
+            self.in_place = assembled["bytes_in_place"].as_u64().unwrap_or(0);
             self.enter(Phase::Restore, None).await;
             self.call(Request::Restore(step.clone())).await?
         } else {
             self.enter(Phase::Restore, None).await;
-            self.call(Request::RestoreArchive(step.clone())).await?
+            let restored = self.call(Request::RestoreArchive(step.clone())).await?;
+            self.in_place = restored["bytes_in_place"].as_u64().unwrap_or(0);
+            restored
         };
-        self.in_place = restored["bytes_in_place"].as_u64().unwrap_or(0);
         self.enter(Phase::Verify, None).await;
         self.call(Request::Verify(step)).await?;
         let downtime = downtime_started.elapsed().as_secs_f64();

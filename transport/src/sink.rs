@@ -10,8 +10,9 @@
 //! never copied again. Any file can be built over an earlier one (`reuse`): that file is renamed
 //! to the partial name and rewritten in place, its zero runs punched out, so its pages are
 //! reused rather than allocated anew; told what that file held ([`Held`]), the receiver does
-//! not even rewrite the chunks that lie where they already lay. Every file is written under a `.partial` name and renamed
-//! only once the whole stream is in and checked; a failed transfer removes them all.
+//! not even rewrite the chunks that lie where they already lay. Every file is written under a
+//! `.partial` name and renamed only once the whole stream is in and checked; a failed transfer
+//! removes them all.
 
 use std::fs::{File, OpenOptions};
 use std::io;
