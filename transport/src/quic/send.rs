@@ -219,6 +219,16 @@ pub async fn send_files_via<P: AsRef<Path>>(
                 report.connections += 1;
                 let result = session(&conn, &peer, &source, options, &wire, &mut report).await;
                 let reason: &[u8] = if result.is_ok() { b"done" } else { b"failed" };
+                let stats = conn.stats();
+                info!(
+                    rtt_ms = stats.path.rtt.as_secs_f64() * 1e3,
+                    cwnd = stats.path.cwnd,
+                    mtu = stats.path.current_mtu,
+                    lost_packets = stats.path.lost_packets,
+                    congestion_events = stats.path.congestion_events,
+                    sent_packets = stats.path.sent_packets,
+                    "connection closing"
+                );
                 conn.close(0u32.into(), reason);
                 if result.is_err() {
                     trouble_since = Instant::now();
