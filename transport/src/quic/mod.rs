@@ -34,8 +34,8 @@
 //!   200 KiB: a few milliseconds of a LAN transfer. On a 2-core node busy decompressing and
 //!   writing, the task that drains the socket is regularly not scheduled for that long, the
 //!   kernel drops what does not fit, and every drop costs a loss recovery and a congestion
-//!   window cut. Measured in the lab: 3,043 drops in two 1.3 GB transfers, and a pre-copy round
-//!   of 6.7 s; with the larger buffer no drops and 5.3–5.9 s.
+//!   window cut. Measured in the lab (single runs, noisy): 3,043 drops in two 1.3 GB
+//!   transfers and pre-copy rounds of 6.7 s; with the larger buffer no drops and 5.3–6.5 s.
 //! - idle timeout 20 s (configurable) with keep-alives every eighth of it: a vanished peer is
 //!   noticed within seconds, and a long CRIU dump on the other side does not kill an idle
 //!   connection.
@@ -92,14 +92,7 @@ pub fn server_endpoint(
 ) -> Result<quinn::Endpoint, TransferError> {
     let mut config = identity.server_config()?;
     config.transport_config(Arc::new(lan_transport_config(idle_timeout)));
-    let socket = lan_socket(addr)?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(config),
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(|source| TransferError::Bind { addr, source })
+    lan_endpoint(addr, Some(config))
 }
 
 /// A client endpoint (ephemeral port) that presents our certificate and checks the server's.
@@ -112,14 +105,7 @@ pub fn client_endpoint(
     let mut config = identity.client_config(expect_peer)?;
     config.transport_config(Arc::new(lan_transport_config(idle_timeout)));
     let bind: SocketAddr = "0.0.0.0:0".parse().expect("valid literal address");
-    let socket = lan_socket(bind)?;
-    let mut endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        None,
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(|source| TransferError::Bind { addr: bind, source })?;
+    let mut endpoint = lan_endpoint(bind, None)?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
 }
@@ -129,9 +115,20 @@ const SOCKET_RECV_BUFFER: usize = 16 << 20;
 /// Send buffer asked of the kernel for a QUIC socket.
 const SOCKET_SEND_BUFFER: usize = 4 << 20;
 
+/// An endpoint on [`lan_socket`]`(addr)`, accepting connections when given a server config.
+fn lan_endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> Result<quinn::Endpoint, TransferError> {
+    let socket = lan_socket(addr)?;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
+        .map_err(|source| TransferError::Bind { addr, source })
+}
+
 /// A UDP socket bound to `addr` with the buffers a LAN transfer needs: forced to
 /// [`SOCKET_RECV_BUFFER`] and [`SOCKET_SEND_BUFFER`] where the process may, else as large as
-/// `net.core.rmem_max` and `wmem_max` allow (logged, since drops will follow).
+/// `net.core.rmem_max` and `wmem_max` allow (a capped receive buffer is logged: drops follow).
 fn lan_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, TransferError> {
     use rustix::net::sockopt;
     let socket =
