@@ -226,6 +226,21 @@ impl<R: Read> FusedIterator for Chunker<R> {}
 /// The entry of the chunk FastCDC cuts at the start of `window` (see [`Masks::cut`] for what
 /// the window must hold); `zero_ids` caches the ids of all-zero chunks by length.
 fn cut_entry(masks: Masks, zero_ids: &mut HashMap<u32, ChunkId>, window: &[u8]) -> ManifestEntry {
+    let max = MAX_CHUNK_LEN as usize;
+    if window.len() >= max && is_zero(&window[..max]) {
+        // FastCDC looks at no more than MAX_CHUNK_LEN bytes, so every window opening with that
+        // many zeros cuts where an all-zero one does: memory dumps are 40 % zero runs, which
+        // this checks at memory speed instead of rolling the gear hash over every byte.
+        let len = zero_window_cut();
+        let id = *zero_ids
+            .entry(len)
+            .or_insert_with(|| ChunkId::of(&window[..len as usize]));
+        return ManifestEntry {
+            id,
+            len,
+            zero: true,
+        };
+    }
     let n = masks.cut(window);
     let bytes = &window[..n];
     let len = u32::try_from(n).expect("FastCDC never cuts beyond MAX_CHUNK_LEN");
@@ -236,6 +251,15 @@ fn cut_entry(masks: Masks, zero_ids: &mut HashMap<u32, ChunkId>, window: &[u8]) 
         ChunkId::of(bytes)
     };
     ManifestEntry { id, len, zero }
+}
+
+/// Where FastCDC cuts a window of [`MAX_CHUNK_LEN`] zeros, computed once.
+fn zero_window_cut() -> u32 {
+    static CUT: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *CUT.get_or_init(|| {
+        let zeros = vec![0u8; MAX_CHUNK_LEN as usize];
+        u32::try_from(Masks::new().cut(&zeros)).expect("FastCDC never cuts beyond MAX_CHUNK_LEN")
+    })
 }
 
 /// True when every byte of `data` is zero (true for an empty slice).
@@ -355,6 +379,39 @@ mod tests {
                 .collect::<Result<_, _>>()
                 .unwrap();
         assert_eq!(ours, theirs);
+    }
+
+    /// Zero runs shorter than, as long as and longer than a maximal chunk, starting mid-chunk
+    /// or at a cut, cut exactly as FastCDC cuts them: the zero-window shortcut changes nothing.
+    #[test]
+    fn zero_runs_cut_as_fastcdc_cuts_them() {
+        let max = MAX_CHUNK_LEN as usize;
+        let mut data = noise(100_000, 8);
+        for (i, run) in [max - 1, max, max + 1, 3 * max + 4097, 5000, 2 * max]
+            .into_iter()
+            .enumerate()
+        {
+            data.extend(std::iter::repeat_n(0u8, run));
+            data.extend(noise(20_000 + 7_919 * i, 9 + i as u64));
+        }
+        data.extend(std::iter::repeat_n(0u8, 2 * max + 3));
+        let ours: Vec<(u64, usize, bool)> = spans(&data)
+            .into_iter()
+            .map(|s| (s.offset, s.data.len(), s.entry.zero))
+            .collect();
+        let theirs: Vec<(u64, usize, bool)> =
+            v2020::StreamCDC::new(&data[..], MIN_CHUNK_LEN, AVG_CHUNK_LEN, MAX_CHUNK_LEN)
+                .map(|c| c.map(|c| (c.offset, c.length, c.data.iter().all(|&b| b == 0))))
+                .collect::<Result<_, _>>()
+                .unwrap();
+        assert_eq!(ours, theirs);
+        assert!(
+            ours.iter()
+                .filter(|(_, len, zero)| *zero && *len == max)
+                .count()
+                >= 4,
+            "the runs must give maximal zero chunks, or the shortcut went untested"
+        );
     }
 
     #[test]
