@@ -229,7 +229,7 @@ fn cut_entry(masks: Masks, zero_ids: &mut HashMap<u32, ChunkId>, window: &[u8]) 
     let max = MAX_CHUNK_LEN as usize;
     if window.len() >= max && is_zero(&window[..max]) {
         // FastCDC looks at no more than MAX_CHUNK_LEN bytes, so every window opening with that
-        // many zeros cuts where an all-zero one does: memory dumps are 40 % zero runs, which
+        // many zeros cuts where an all-zero one does: memory dumps are full of zero runs, which
         // this checks at memory speed instead of rolling the gear hash over every byte.
         let len = zero_window_cut();
         let id = *zero_ids
