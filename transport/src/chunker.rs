@@ -226,25 +226,19 @@ impl<R: Read> FusedIterator for Chunker<R> {}
 /// The entry of the chunk FastCDC cuts at the start of `window` (see [`Masks::cut`] for what
 /// the window must hold); `zero_ids` caches the ids of all-zero chunks by length.
 fn cut_entry(masks: Masks, zero_ids: &mut HashMap<u32, ChunkId>, window: &[u8]) -> ManifestEntry {
+    // FastCDC looks at no more than MAX_CHUNK_LEN bytes, so every window opening with that many
+    // zeros cuts where an all-zero one does: memory dumps are full of zero runs, which this
+    // checks at memory speed instead of rolling the gear hash over every byte.
     let max = MAX_CHUNK_LEN as usize;
-    if window.len() >= max && is_zero(&window[..max]) {
-        // FastCDC looks at no more than MAX_CHUNK_LEN bytes, so every window opening with that
-        // many zeros cuts where an all-zero one does: memory dumps are full of zero runs, which
-        // this checks at memory speed instead of rolling the gear hash over every byte.
-        let len = zero_window_cut();
-        let id = *zero_ids
-            .entry(len)
-            .or_insert_with(|| ChunkId::of(&window[..len as usize]));
-        return ManifestEntry {
-            id,
-            len,
-            zero: true,
-        };
-    }
-    let n = masks.cut(window);
+    let zero_window = window.len() >= max && is_zero(&window[..max]);
+    let n = if zero_window {
+        zero_window_cut()
+    } else {
+        masks.cut(window)
+    };
     let bytes = &window[..n];
     let len = u32::try_from(n).expect("FastCDC never cuts beyond MAX_CHUNK_LEN");
-    let zero = is_zero(bytes);
+    let zero = zero_window || is_zero(bytes);
     let id = if zero {
         *zero_ids.entry(len).or_insert_with(|| ChunkId::of(bytes))
     } else {
@@ -254,12 +248,9 @@ fn cut_entry(masks: Masks, zero_ids: &mut HashMap<u32, ChunkId>, window: &[u8]) 
 }
 
 /// Where FastCDC cuts a window of [`MAX_CHUNK_LEN`] zeros, computed once.
-fn zero_window_cut() -> u32 {
-    static CUT: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *CUT.get_or_init(|| {
-        let zeros = vec![0u8; MAX_CHUNK_LEN as usize];
-        u32::try_from(Masks::new().cut(&zeros)).expect("FastCDC never cuts beyond MAX_CHUNK_LEN")
-    })
+fn zero_window_cut() -> usize {
+    static CUT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CUT.get_or_init(|| Masks::new().cut(&vec![0u8; MAX_CHUNK_LEN as usize]))
 }
 
 /// True when every byte of `data` is zero (true for an empty slice).
