@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: demo demo-transport test lint lint-k8s unit deps lab-rootfs bench bench-micro bench-migration fuzz clean
+.PHONY: demo demo-transport test lint lint-k8s unit deps lab-rootfs bench bench-floor bench-micro bench-migration fuzz clean
 
 ## demo: a real live migration in the lab: bring up node1 and node2 (building the lab root the
 ## first time), start nginx on node1, `migrate web --from node1 --to node2`, fetch the page
@@ -43,6 +43,12 @@ deps:
 ## bench: the side-by-side transfer benchmark against zstd | TCP | zstd -d.
 bench: deps
 	./benches/run-transfer.sh
+
+## bench-floor: the transfer bench (3 runs), then `cpu-floor`: the least time the work a transfer
+## must do could take on this machine's cores, against the targets the bench's medians set.
+bench-floor: deps
+	./benches/run-transfer.sh --runs 3 --skip-rss --json-out target/bench-transfer.json
+	target/release/cpu-floor --transfer-json target/bench-transfer.json
 
 ## bench-migration: redis holding 1 GiB moved node1 -> node2 in the lab by `migrate redis` and
 ## by Podman's checkpoint --export / TCP copy / restore --import, interleaved; prints medians and

@@ -60,8 +60,9 @@ pub struct SendArgs {
     /// Require the receiver's certificate to name this node.
     #[arg(long)]
     peer: Option<String>,
-    /// zstd level for chunks.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=19))]
+    /// zstd level for chunks; negative levels are zstd's `--fast=N`: faster, larger.
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true,
+          value_parser = clap::value_parser!(i32).range(-10..=19))]
     level: i32,
     /// Concurrent chunk streams (also chunks compressed at once).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=32))]

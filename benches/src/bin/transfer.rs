@@ -77,6 +77,9 @@ struct Args {
     /// Write every raw figure as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json_out: Option<PathBuf>,
+    /// zstd level of `migrate send` (negative levels are zstd's `--fast=N`).
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    level: i32,
     /// Run only the zstd baseline (no `migrate` needed).
     #[arg(long)]
     baseline_only: bool,
@@ -166,6 +169,7 @@ struct Report {
     rewrite_fraction: f64,
     baseline_only: bool,
     migrate: Option<PathBuf>,
+    level: i32,
     zstd_version: String,
     inputs: Vec<Input>,
     runs_raw: Vec<RunRecord>,
@@ -273,6 +277,7 @@ fn main() -> Result<()> {
             seed: args.seed,
             rewrite_fraction: args.rewrite_fraction,
             baseline_only: args.baseline_only,
+            level: args.level,
             migrate,
             zstd_version,
             inputs,
@@ -473,6 +478,7 @@ impl Bench<'_> {
             .arg(&input.path)
             .args(["--to", &addr, "--certs"])
             .arg(certs.join("sender"))
+            .arg(format!("--level={}", self.args.level))
             .arg("--json")
             .stdout(Stdio::piped());
         let start = Instant::now();
@@ -753,7 +759,8 @@ impl Drop for Proc {
 }
 
 /// Waits for every process to exit, polling each millisecond and sampling their `VmHWM` every
-/// [`SAMPLE_EVERY`]; returns when the last one exited. Kills them all at `deadline`.
+/// [`SAMPLE_EVERY`]; returns when the last one exited. Fails as soon as one exits with an
+/// error, and kills them all (by dropping them) then or at `deadline`.
 fn wait_all(procs: &mut [&mut Proc], deadline: Instant) -> Result<Instant> {
     let mut next_sample = Instant::now();
     loop {
@@ -778,6 +785,13 @@ fn wait_all(procs: &mut [&mut Proc], deadline: Instant) -> Result<Instant> {
         if running == 0 {
             let last = procs.iter().filter_map(|p| p.exited_at).max();
             return Ok(last.expect("at least one process"));
+        }
+        // One side failed: the other would only wait for it until the deadline.
+        if let Some(failed) = procs
+            .iter()
+            .find(|p| p.status.is_some_and(|s| !s.success()))
+        {
+            bail!("{}", failed.failure("failed while its peer still ran"));
         }
         if now >= deadline {
             let stuck: Vec<&str> = procs
@@ -1021,6 +1035,10 @@ fn print_tables(
         args.runs
     );
     println!("baseline: zstd -1 -c FILE | TCP 127.0.0.1 | zstd -d -c > OUT  ({zstd_version})");
+    println!(
+        "migrate: send --level={} (zstd level of each chunk)",
+        args.level
+    );
     if let Some(repeat) = inputs.iter().find(|i| i.name == "repeat") {
         if let Some(pages) = repeat.pages_rewritten {
             println!(
