@@ -127,6 +127,16 @@ impl Lab {
         .collect()
     }
 
+    /// Bytes of the files in the chunk store of `node`'s daemon, seen from the host.
+    pub fn store_bytes(&self, node: &str) -> u64 {
+        let n = self.state.nodes.iter().find(|n| n.name == node).unwrap();
+        walk(&n.dir.join("containers/migrate/chunks"))
+            .iter()
+            .filter_map(|f| std::fs::metadata(f).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
     /// Files in the daemon's work folder of `node`, seen from the host.
     pub fn work_files(&self, node: &str) -> Vec<String> {
         let n = self.state.nodes.iter().find(|n| n.name == node).unwrap();

@@ -347,6 +347,16 @@ fn redis_keeps_every_key_and_comes_back_cheaply() {
         in_place * 2 >= archive,
         "only {in_place} B of the {archive} B final archive were found in place on {b}"
     );
+    // What the destination received stays in its chunk store (issue 3: each node keeps the
+    // chunks it sends and receives), so a container coming to it again sends little.
+    let (stored, wire) = (
+        lab.store_bytes(b),
+        there["wire_bytes_total"].as_u64().unwrap(),
+    );
+    assert!(
+        stored * 2 >= wire,
+        "{b} keeps {stored} B of chunks after receiving {wire} B"
+    );
 
     // 4. Back to where it came from: that node kept the chunks it sent.
     let (ok, events) = lab.migrate("kv", b, a, &[]);
