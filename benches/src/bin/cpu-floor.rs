@@ -1,15 +1,15 @@
 //! `cpu-floor`: how fast could a transfer of the checkpoint-like data be on this machine, at
-//! best? It times, each on one thread, the work issue 2 requires of every transfer: cutting
-//! the stream (held in memory) with
-//! FastCDC and naming every chunk by its blake3 (sender), compressing the non-zero chunks at a
-//! zstd level (sender), decompressing them and checking each against its id (receiver), and
+//! best? It times, each on one thread, the work issue 2 requires of every transfer: cutting the
+//! stream (held in memory, copied once into the cutter's buffers as a sender reads its file)
+//! with FastCDC and naming every chunk by its blake3 (sender), compressing the non-zero chunks
+//! at a zstd level (sender), decompressing them and checking each against its id (receiver),
 //! writing the output's non-zero chunks into the page cache (receiver; zero chunks are holes),
 //! and sealing and opening the compressed payload in QUIC-sized packets with AES-128-GCM, the
-//! AEAD our QUIC connections negotiate (both sides). Nothing else is counted: no reading of the
-//! input, no QUIC framing or acknowledgements, no sockets, no store.
-//! Spread perfectly over the machine's cores, that sum is a floor no real transfer can beat.
-//! For the repeat (a copy sent to a receiver that holds the first), the floor is cutting and
-//! hashing the whole copy plus writing the output, which the receiver must do whatever it keeps.
+//! AEAD our QUIC connections negotiate (both sides). Nothing else is counted: no QUIC framing
+//! or acknowledgements, no sockets, no store. Spread perfectly over the machine's cores, that
+//! sum is a floor no real transfer can beat. For the repeat (a copy sent to a receiver that
+//! holds the first), the floor is cutting and hashing the whole copy plus writing the output,
+//! which the receiver must do whatever it keeps.
 //!
 //! Given the baseline's time (`--baseline-seconds`, the median `benches/run-transfer.sh`
 //! printed in the same session), it prints what issue 2's targets demand next to the floors:
@@ -17,14 +17,13 @@
 //! given `--first-seconds`, at our measured first. Timings are printed, never asserted.
 
 use std::fs::File;
-use std::io::Cursor;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
-use transport::chunker::Chunker;
+use transport::chunker::parallel::{cut_parallel, SEGMENT_LEN};
 use transport::codec::{self, Encoding};
 
 /// A lower bound on a transfer's time from its mandatory CPU work, timed in memory.
@@ -110,13 +109,20 @@ fn main() -> Result<()> {
     eprintln!("generating {} MiB of checkpoint-like data", size >> 20);
     let data = benches::data::checkpoint_like_bytes(size, args.seed);
 
-    // Cutting and naming: the chunker yields every chunk with its id and zero flag.
+    // Cutting and naming, as the sender does it but on one thread: every chunk's offset, id
+    // and zero flag.
+    let read_at = |buf: &mut [u8], offset: u64| -> std::io::Result<()> {
+        let start = offset as usize;
+        buf.copy_from_slice(&data[start..start + buf.len()]);
+        Ok(())
+    };
     let (cut, spans) = fastest_seconds(args.runs, || {
         let mut spans = Vec::new();
-        for span in Chunker::new(Cursor::new(&data[..])) {
-            let span = span.context("cutting the in-memory data")?;
-            spans.push((span.offset as usize, span.entry));
-        }
+        cut_parallel(args.size, &read_at, 1, SEGMENT_LEN, |offset, entry| {
+            spans.push((offset as usize, entry));
+            true
+        })
+        .context("cutting the in-memory data")?;
         Ok(spans)
     })?;
     let nonzero: Vec<_> = spans.iter().filter(|(_, e)| !e.zero).collect();
