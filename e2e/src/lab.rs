@@ -129,8 +129,7 @@ impl Lab {
 
     /// Bytes of the files in the chunk store of `node`'s daemon, seen from the host.
     pub fn store_bytes(&self, node: &str) -> u64 {
-        let n = self.state.nodes.iter().find(|n| n.name == node).unwrap();
-        walk(&n.dir.join("containers/migrate/chunks"))
+        walk(&self.daemon_folder(node, "chunks"))
             .iter()
             .filter_map(|f| std::fs::metadata(f).ok())
             .map(|m| m.len())
@@ -139,14 +138,22 @@ impl Lab {
 
     /// Files in the daemon's work folder of `node`, seen from the host.
     pub fn work_files(&self, node: &str) -> Vec<String> {
-        let n = self.state.nodes.iter().find(|n| n.name == node).unwrap();
-        let work = n.dir.join("containers/migrate/work");
-        walk(&work)
+        walk(&self.daemon_folder(node, "work"))
+    }
+
+    /// `name` in the state directory of `node`'s daemon ([`lab::DAEMON_STATE`] inside the
+    /// node, whose /var/lib is the node's folder), seen from the host.
+    fn daemon_folder(&self, node: &str, name: &str) -> PathBuf {
+        self.node(node).dir.join("containers/migrate").join(name)
+    }
+
+    /// The recorded state of `node`.
+    fn node(&self, node: &str) -> &lab::NodeState {
+        self.state.nodes.iter().find(|n| n.name == node).unwrap()
     }
 
     pub fn address(&self, node: &str) -> String {
-        let n = self.state.nodes.iter().find(|n| n.name == node).unwrap();
-        n.address.to_string()
+        self.node(node).address.to_string()
     }
 
     /// Gives the daemon of `node` a work folder of `bytes` (a tmpfs over it), so a checkpoint
@@ -163,8 +170,7 @@ impl Lab {
 
     /// The name of `node`'s network namespace (in /run/netns).
     pub fn netns(&self, node: &str) -> String {
-        let n = self.state.nodes.iter().find(|n| n.name == node).unwrap();
-        n.netns.clone()
+        self.node(node).netns.clone()
     }
 }
 

@@ -71,15 +71,15 @@ fn first_transfer_median(report: &serde_json::Value, tool: &str) -> Option<f64> 
 /// The fastest of `runs` timings of `step` (a floor errs low: the machine's noise only ever
 /// adds time), and what `step` returned.
 fn fastest_seconds<T>(runs: u32, mut step: impl FnMut() -> Result<T>) -> Result<(f64, T)> {
-    let mut times = Vec::with_capacity(runs as usize);
+    let mut fastest = f64::INFINITY;
     let mut last = None;
     for _ in 0..runs {
         let start = Instant::now();
         let out = step()?;
-        times.push(start.elapsed().as_secs_f64());
+        fastest = fastest.min(start.elapsed().as_secs_f64());
+        // Dropping the previous run's output is not part of the step.
         last = Some(out);
     }
-    let fastest = times.into_iter().fold(f64::INFINITY, f64::min);
     Ok((fastest, last.expect("runs >= 1")))
 }
 

@@ -1035,10 +1035,12 @@ fn print_tables(
         args.runs
     );
     println!("baseline: zstd -1 -c FILE | TCP 127.0.0.1 | zstd -d -c > OUT  ({zstd_version})");
-    println!(
-        "migrate: send --level={} (zstd level of each chunk)",
-        args.level
-    );
+    if !args.baseline_only {
+        println!(
+            "migrate: send --level={} (zstd level of each chunk)",
+            args.level
+        );
+    }
     if let Some(repeat) = inputs.iter().find(|i| i.name == "repeat") {
         if let Some(pages) = repeat.pages_rewritten {
             println!(
