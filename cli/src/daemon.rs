@@ -12,6 +12,7 @@ use clap::Args;
 use engine::crio::CrioNode;
 use engine::daemon::{Daemon, DaemonConfig};
 use engine::kubelet::{KubeletAuth, KubeletClient};
+use engine::memory_images::MemoryImages;
 use engine::runtime::{Podman, Runtime};
 
 use crate::output::{parse_size, Output};
@@ -46,6 +47,12 @@ pub struct DaemonArgs {
     /// zstd level of the chunks this node sends.
     #[arg(long, default_value_t = 1)]
     level: i32,
+    /// Where Podman checkpoints write their CRIU images, instead of the container's disk: a
+    /// folder on a memory-backed file system (created 0700), or `off`. By default
+    /// /dev/shm/migrate-images when /dev/shm is a tmpfs. Used only when a checkpoint's images
+    /// fit there and in available memory; they are deleted once sent.
+    #[arg(long, value_name = "DIR|off")]
+    images_in_memory: Option<PathBuf>,
     #[command(flatten)]
     kubelet: KubeletArgs,
 }
@@ -85,10 +92,11 @@ struct KubeletArgs {
 }
 
 impl KubeletArgs {
-    /// The runtime these options ask for: podman, or CRI-O through the kubelet.
-    fn runtime(&self) -> anyhow::Result<Arc<dyn Runtime>> {
+    /// The runtime these options ask for: podman (its kept checkpoints' images under
+    /// `memory_images`), or CRI-O through the kubelet.
+    fn runtime(&self, memory_images: Option<MemoryImages>) -> anyhow::Result<Arc<dyn Runtime>> {
         let Some(url) = &self.kubelet else {
-            return Ok(Arc::new(Podman::local()));
+            return Ok(Arc::new(Podman::local().with_memory_images(memory_images)));
         };
         let read = |path: &PathBuf, what: &str| {
             std::fs::read(path).with_context(|| format!("reading the {what} {}", path.display()))
@@ -123,6 +131,17 @@ impl KubeletArgs {
     }
 }
 
+/// The folder `--images-in-memory` names: none for `off`, the host's default when not given.
+fn memory_images(arg: Option<PathBuf>) -> anyhow::Result<Option<MemoryImages>> {
+    match arg {
+        None => Ok(MemoryImages::host_default()),
+        Some(off) if off.as_os_str() == "off" => Ok(None),
+        Some(dir) => MemoryImages::at(&dir)
+            .map(Some)
+            .with_context(|| format!("creating the --images-in-memory folder {}", dir.display())),
+    }
+}
+
 /// Runs the daemon in the foreground.
 pub fn run(args: DaemonArgs, out: &Output) -> anyhow::Result<()> {
     let mut config = DaemonConfig::new(args.listen, args.certs, args.state);
@@ -135,7 +154,9 @@ pub fn run(args: DaemonArgs, out: &Output) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async {
-        let runtime = args.kubelet.runtime()?;
+        let runtime = args
+            .kubelet
+            .runtime(memory_images(args.images_in_memory)?)?;
         let daemon = Daemon::bind(config, runtime).context("starting the node daemon")?;
         out.line(format!(
             "migrate daemon of {} listening on {}",

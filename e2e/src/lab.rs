@@ -127,6 +127,16 @@ impl Lab {
         .collect()
     }
 
+    /// What lies under the default folder of checkpoint images in memory in `node`
+    /// (`engine::memory_images::DEFAULT_ROOT`, in the node's own /dev/shm).
+    pub fn memory_images(&self, node: &str) -> Vec<String> {
+        let root = engine::memory_images::DEFAULT_ROOT;
+        let (code, listing) = self.run(node, &["find", root, "-mindepth", "1"]);
+        // 1: no such folder (nothing went to memory yet).
+        assert!(code == 0 || code == 1, "listing {root} in {node}: exit {code}");
+        listing.lines().map(str::to_string).collect()
+    }
+
     /// Bytes of the files in the chunk store of `node`'s daemon, seen from the host.
     pub fn store_bytes(&self, node: &str) -> u64 {
         walk(&self.daemon_folder(node, "chunks"))

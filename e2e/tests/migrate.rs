@@ -79,6 +79,10 @@ fn counter_continues_on_the_destination() {
         s["archive_made_here"], true,
         "Podman exported the archive: {s}"
     );
+    assert_eq!(
+        s["images_in_memory"], true,
+        "the checkpoint images went to disk: {s}"
+    );
     let phases: Vec<&str> = events
         .iter()
         .filter(|e| e["event"] == "phase")
@@ -112,6 +116,11 @@ fn counter_continues_on_the_destination() {
     wait_for("work folders empty", Duration::from_secs(30), || {
         (lab.work_files(a).is_empty() && lab.work_files(b).is_empty()).then_some(())
     });
+    assert_eq!(
+        lab.memory_images(a),
+        Vec::<String>::new(),
+        "checkpoint images left in memory on {a}"
+    );
 }
 
 #[test]
@@ -514,6 +523,11 @@ fn destination_killed_mid_transfer_rolls_back() {
 
     // The source runs, with every key.
     assert_eq!(redis_digest(&lab, a), before);
+    assert_eq!(
+        lab.memory_images(a),
+        Vec::<String>::new(),
+        "images left on {a}"
+    );
     // The destination has nothing of it, also after its daemon comes back.
     assert!(!lab.exists(b, "kv"), "a container on {b}");
     assert_eq!(lab.migration_images(b), Vec::<String>::new());
@@ -574,6 +588,11 @@ fn destination_without_room_for_the_checkpoint_rolls_back() {
     let after = count_above(&lab, a, before);
     assert!(after > before);
     assert!(!lab.exists(b, "counter"));
+    assert_eq!(
+        lab.memory_images(a),
+        Vec::<String>::new(),
+        "images left on {a}"
+    );
     assert_eq!(lab.migration_images(b), Vec::<String>::new());
     assert_eq!(lab.work_files(b), Vec::<String>::new());
     let (code, listing) = lab.run(b, &["ls", "-A", &work]);

@@ -343,6 +343,10 @@ pub struct Summary {
     /// [`crate::podman_archive`]) rather than exported by the runtime.
     #[serde(default)]
     pub archive_made_here: bool,
+    /// Whether the final checkpoint's CRIU images were written to memory rather than to the
+    /// container's disk (see [`crate::memory_images`]).
+    #[serde(default)]
+    pub images_in_memory: bool,
     /// Bytes of the final archive the destination found where they already lay, in the last
     /// pre-copy round's output it built the page images over: neither sent, copied nor
     /// written (see `transport::protocol::held`).

@@ -176,6 +176,10 @@ impl Daemon {
         let work = config.state.join("work");
         crate::migration::recover_kept(&work, runtime.as_ref());
         if work.exists() {
+            // Each migration's folder first: it may link to checkpoint images in memory.
+            for dir in fs::read_dir(&work).map_err(state_err(&work))?.flatten() {
+                let _ = crate::migration::remove_work_folder(&dir.path());
+            }
             fs::remove_dir_all(&work).map_err(state_err(&work))?;
         }
         private_dir(&work).map_err(state_err(&work))?;

@@ -31,6 +31,7 @@ pub mod image;
 pub mod inspect;
 pub mod kubelet;
 pub mod lab;
+pub mod memory_images;
 pub mod migration;
 pub mod pages;
 pub mod pod;

@@ -35,6 +35,7 @@ use crate::control::{
     TransferHello, BASE_IMAGE_ROUND, KNOWS_CONTAINER,
 };
 use crate::daemon::Node;
+use crate::memory_images::remove_images;
 use crate::pages::{self, PageImage};
 use crate::podman_archive;
 use crate::restart::{self, Rewound};
@@ -72,6 +73,8 @@ struct KeptImages {
     images: PathBuf,
     /// Where the runtime keeps them, and restores the container from.
     home: PathBuf,
+    /// Whether `home` links to them in memory (see [`crate::memory_images`]).
+    in_memory: bool,
 }
 
 /// In a migration's work folder: the final checkpoint's images, moved there from the runtime's
@@ -133,7 +136,7 @@ pub fn recover_kept(work: &Path, runtime: &dyn crate::runtime::Runtime) {
         }
         match runtime.restore_kept(container) {
             Ok(()) => {
-                let _ = std::fs::remove_dir_all(&record.home);
+                let _ = remove_images(&record.home);
                 warn!(container, "a migration died after its final checkpoint; the container was restored in place");
             }
             Err(e) => warn!(
@@ -445,9 +448,11 @@ impl Migration {
                 self.keep_chunks(files, manifest, held)
             }
         };
-        let kept = if self.kept.as_ref().is_some_and(|k| k.images == k.home) {
-            // The images are still the container's: they go with it.
+        let kept = if let Some(home) = self.kept.as_ref().filter(|k| k.images == k.home) {
+            // The images are still the container's: they go now (podman's removal of the
+            // container would leave those it keeps in memory).
             let _ = kept.await;
+            let _ = remove_images(&home.home);
             None
         } else {
             Some(kept)
@@ -563,6 +568,7 @@ impl Migration {
             phases: self.phases.clone(),
             image,
             archive_made_here: self.kept.is_some(),
+            images_in_memory: self.kept.as_ref().is_some_and(|k| k.in_memory),
             bytes_in_place: self.in_place,
         }
     }
@@ -683,7 +689,7 @@ impl Migration {
                 .map(Some),
             Err(f) => Err(f),
         };
-        if let Err(e) = std::fs::remove_dir_all(&kept.dir) {
+        if let Err(e) = remove_images(&kept.dir) {
             warn!(error = %e, images = %kept.dir.display(), "removing the kept checkpoint images failed");
         }
         outcome
@@ -757,6 +763,7 @@ impl Migration {
         // record says where from first, so a daemon that dies now puts them back on its next
         // start (see `recover_kept`) rather than emptying its work folder of the only copy.
         let home = stopped.kept.dir;
+        let in_memory = std::fs::symlink_metadata(&home).is_ok_and(|m| m.file_type().is_symlink());
         let moved = dir.join(KEPT_IMAGES);
         let record = KeptRecord {
             container: self.req.container.clone(),
@@ -778,6 +785,7 @@ impl Migration {
         self.kept = Some(KeptImages {
             images: images.clone(),
             home,
+            in_memory,
         });
         let glue = dir.join("glue");
         let laid_out = blocking(move || -> Result<(Rewound, Layout), String> {
@@ -1002,7 +1010,7 @@ impl Migration {
                     })?;
                 }
                 runtime.restore_kept(&container)?;
-                let _ = std::fs::remove_dir_all(&kept.home);
+                let _ = remove_images(&kept.home);
             }
             runtime.is_running(&container)
         })
@@ -1090,16 +1098,23 @@ impl Migration {
             if let Some(keeping) = keeping {
                 let _ = keeping.await;
             }
-            let _ = tokio::fs::remove_dir_all(dir).await;
+            let _ = blocking(move || remove_work_folder(&dir)).await;
         });
     }
 
     /// Deletes the work folder, unless something still needs it (see `keep_dir`).
     fn remove_work_dir(&self) {
         if !self.keep_dir {
-            let _ = std::fs::remove_dir_all(self.node.work.join(&self.id));
+            let _ = remove_work_folder(&self.node.work.join(&self.id));
         }
     }
+}
+
+/// Removes a migration's work folder `dir`, and the final checkpoint's images in memory that
+/// its [`KEPT_IMAGES`] may link to (see [`crate::memory_images`]).
+pub fn remove_work_folder(dir: &Path) -> std::io::Result<()> {
+    remove_images(&dir.join(KEPT_IMAGES))?;
+    std::fs::remove_dir_all(dir)
 }
 
 /// Logs the threads whose interrupted calls a checkpoint was set to restart.

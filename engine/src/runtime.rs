@@ -45,8 +45,9 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tracing::info;
+use tracing::{debug, info, warn};
 
+use crate::memory_images::{self, MemoryImages};
 use crate::podman_archive::{self, Member};
 
 /// At most this many bytes of a command's stderr go into an error (the end is kept: podman
@@ -343,6 +344,9 @@ pub struct Podman {
     prefix: Vec<OsString>,
     /// Pass `--tcp-established` to checkpoint and restore (containers with open TCP connections).
     tcp_established: bool,
+    /// Where kept checkpoints write their images when they fit, instead of the container's
+    /// disk (see [`crate::memory_images`]); only for podman in this process's namespaces.
+    memory_images: Option<MemoryImages>,
 }
 
 impl Podman {
@@ -351,6 +355,7 @@ impl Podman {
         Self {
             prefix: prefix.into_iter().map(Into::into).collect(),
             tcp_established: false,
+            memory_images: None,
         }
     }
 
@@ -364,6 +369,34 @@ impl Podman {
     pub fn with_tcp_established(mut self, on: bool) -> Self {
         self.tcp_established = on;
         self
+    }
+
+    /// Kept checkpoints write their CRIU images under `images` when they fit (see
+    /// [`crate::memory_images`]). Ignored for podman run through a prefix: its files are not
+    /// this process's to link.
+    pub fn with_memory_images(mut self, images: Option<MemoryImages>) -> Self {
+        self.memory_images = images.filter(|_| self.prefix.is_empty());
+        self
+    }
+
+    /// Before a checkpoint of `container` (ID `id`, main process `pid`) that keeps its images
+    /// in `checkpoint`: points that folder into memory when the images fit there. A failure
+    /// only leaves the images on disk.
+    fn images_to_memory(&self, checkpoint: &Path, id: &str, pid: u32) {
+        let Some(images) = &self.memory_images else {
+            return;
+        };
+        let needed = memory_images::resident_bytes(pid);
+        match images.redirect(checkpoint, id, needed) {
+            Ok(true) => {
+                debug!(needed, root = %images.root().display(), "checkpoint images go to memory")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                warn!(error = %e, folder = %checkpoint.display(), "checkpoint images go to disk: linking their folder into memory failed");
+                let _ = memory_images::remove_images(checkpoint);
+            }
+        }
     }
 
     /// Runs `podman ARGS`; Ok(stdout) on success, else the classified error. `subject` is the
@@ -422,13 +455,18 @@ impl Runtime for Podman {
     }
 
     fn checkpoint_kept(&self, container: &str) -> Result<Option<KeptCheckpoint>, RuntimeError> {
+        // podman keeps the images in the container's static folder, `checkpoint/`.
+        let format = "{{.Id}}\t{{.StaticDir}}\t{{.State.Pid}}";
+        let (id, dir, pid) = self.inspect(container, format, "ID, folder, PID", |out| {
+            let mut words = out.split('\t');
+            let id = words.next().filter(|w| is_container_id(w))?.to_string();
+            let dir = Path::new(words.next().filter(|w| w.starts_with('/'))?).join("checkpoint");
+            Some((id, dir, words.next()?.parse::<u32>().ok()?))
+        })?;
+        self.images_to_memory(&dir, &id, pid);
         let (stdout, elapsed) =
             self.run_checkpoint(container, &["--keep", "--leave-running"].map(OsStr::new))?;
         let stats = parse_stats(&stdout).map(|(_, stats)| stats);
-        // podman keeps the images in the container's static folder, `checkpoint/`.
-        let dir = self.inspect(container, "{{.StaticDir}}", "a folder", |out| {
-            (!out.is_empty()).then(|| Path::new(out).join("checkpoint"))
-        })?;
         kept_in(dir, elapsed, stats).map(Some)
     }
 
@@ -441,14 +479,15 @@ impl Runtime for Podman {
         if !self.prefix.is_empty() {
             return Ok(None);
         }
-        let format = "{{.Id}}\t{{.StaticDir}}\t{{.GraphDriver.Data.UpperDir}}";
-        let (id, userdata, upper) =
-            self.inspect(container, format, "ID, folder, layer", |out| {
+        let format = "{{.Id}}\t{{.StaticDir}}\t{{.GraphDriver.Data.UpperDir}}\t{{.State.Pid}}";
+        let (id, userdata, upper, pid) =
+            self.inspect(container, format, "ID, folder, layer, PID", |out| {
                 let mut words = out.split('\t').map(str::to_string);
                 let id = words.next().filter(|w| is_container_id(w))?;
                 let userdata = PathBuf::from(words.next().filter(|w| w.starts_with('/'))?);
                 let upper = PathBuf::from(words.next().filter(|w| w.starts_with('/'))?);
-                Some((id, userdata, upper))
+                let pid = words.next()?.parse::<u32>().ok()?;
+                Some((id, userdata, upper, pid))
             })?;
         // Before stopping anything: can the archive be made here at all?
         let made = match podman_archive::database_of(&userdata) {
@@ -467,9 +506,10 @@ impl Runtime for Podman {
                 return Ok(None);
             }
         };
+        let dir = userdata.join(podman_archive::IMAGES);
+        self.images_to_memory(&dir, &id, pid);
         let (stdout, elapsed) = self.run_checkpoint(container, &[OsStr::new("--keep")])?;
         let stats = parse_stats(&stdout).map(|(_, stats)| stats);
-        let dir = userdata.join(podman_archive::IMAGES);
         // The container is stopped from here: if the rest fails, it runs again.
         let rest = (|| -> Result<StoppedCheckpoint, RuntimeError> {
             let args = ["diff", "--format", "json", "--", &id].map(OsStr::new);
@@ -497,7 +537,7 @@ impl Runtime for Podman {
         rest.map(Some)
             .map_err(|e| match self.restore_kept(container) {
                 Ok(()) => {
-                    let _ = std::fs::remove_dir_all(&dir);
+                    let _ = memory_images::remove_images(&dir);
                     e
                 }
                 Err(back) => RuntimeError::Local {
