@@ -154,9 +154,9 @@ pub fn run(args: DaemonArgs, out: &Output) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async {
-        let runtime = args
-            .kubelet
-            .runtime(memory_images(args.images_in_memory)?)?;
+        let images = memory_images(args.images_in_memory)?;
+        config.memory_images = images.clone();
+        let runtime = args.kubelet.runtime(images)?;
         let daemon = Daemon::bind(config, runtime).context("starting the node daemon")?;
         out.line(format!(
             "migrate daemon of {} listening on {}",

@@ -133,7 +133,10 @@ impl Lab {
         let root = engine::memory_images::DEFAULT_ROOT;
         let (code, listing) = self.run(node, &["find", root, "-mindepth", "1"]);
         // 1: no such folder (nothing went to memory yet).
-        assert!(code == 0 || code == 1, "listing {root} in {node}: exit {code}");
+        assert!(
+            code == 0 || code == 1,
+            "listing {root} in {node}: exit {code}"
+        );
         listing.lines().map(str::to_string).collect()
     }
 
@@ -166,14 +169,22 @@ impl Lab {
         self.node(node).address.to_string()
     }
 
-    /// Gives the daemon of `node` a work folder of `bytes` (a tmpfs over it), so a checkpoint
-    /// larger than that cannot land; returns the folder, for [`Lab::ok`] `umount` at the end.
+    /// Gives the daemon of `node` a work folder of `bytes` (a tmpfs over it), and as much room
+    /// for files in memory, so a checkpoint larger than that cannot land; returns the work
+    /// folder, for [`Lab::ok`] `umount` at the end.
     pub fn limit_work_folder(&self, node: &str, bytes: u64) -> String {
         let work = lab::DAEMON_STATE.to_string() + "/work";
         let options = format!("size={bytes},mode=0700");
         self.ok(
             node,
             &["mount", "-t", "tmpfs", "-o", &options, "tmpfs", &work],
+        );
+        // As little room in memory, where an incoming migration's files go when they fit.
+        let memory = engine::memory_images::DEFAULT_ROOT;
+        self.ok(node, &["mkdir", "-p", memory]);
+        self.ok(
+            node,
+            &["mount", "-t", "tmpfs", "-o", &options, "tmpfs", memory],
         );
         work
     }

@@ -116,11 +116,13 @@ fn counter_continues_on_the_destination() {
     wait_for("work folders empty", Duration::from_secs(30), || {
         (lab.work_files(a).is_empty() && lab.work_files(b).is_empty()).then_some(())
     });
-    assert_eq!(
-        lab.memory_images(a),
-        Vec::<String>::new(),
-        "checkpoint images left in memory on {a}"
-    );
+    for node in [a, b] {
+        assert_eq!(
+            lab.memory_images(node),
+            Vec::<String>::new(),
+            "files left in memory on {node}"
+        );
+    }
 }
 
 #[test]

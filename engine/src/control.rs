@@ -156,6 +156,11 @@ pub struct PrepareRequest {
     /// made, so a clash with an existing one is not checked.
     #[serde(default)]
     pub image_only: bool,
+    /// The container's memory as the source estimates it (what its checkpoint images will
+    /// hold): the destination keeps the migration's files in memory when it has room for
+    /// them and for the restored container.
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
 }
 
 /// Its reply's `detail` says `"knows_container": true` when its chunk store already holds a

@@ -28,6 +28,7 @@ use transport::tls::NodeIdentity;
 
 use crate::control::{self, ContainerList, ControlError, Event, Reply, Request};
 use crate::destination::Destinations;
+use crate::memory_images::MemoryImages;
 use crate::runtime::Runtime;
 
 /// How often incoming migrations are checked for a vanished source.
@@ -50,6 +51,9 @@ pub struct DaemonConfig {
     pub idle_timeout: Duration,
     /// How long a transfer waits for a dropped connection to come back.
     pub resume_timeout: Duration,
+    /// Where incoming migrations keep their files when they fit in memory (see
+    /// [`crate::memory_images`]); on disk under `state` otherwise.
+    pub memory_images: Option<MemoryImages>,
 }
 
 impl DaemonConfig {
@@ -63,6 +67,7 @@ impl DaemonConfig {
             level: 1,
             idle_timeout: quic::DEFAULT_IDLE_TIMEOUT,
             resume_timeout: Duration::from_secs(20),
+            memory_images: None,
         }
     }
 }
@@ -150,9 +155,17 @@ impl Node {
         self.config.state.join("known").join(safe)
     }
 
-    /// The work folder of one migration (created 0700).
-    pub fn work_dir(&self, migration_id: &str) -> std::io::Result<PathBuf> {
+    /// The work folder of one migration (created 0700). With `in_memory` bytes to hold (an
+    /// incoming migration's estimate), it links to a folder in memory when those fit there
+    /// and in available memory (see [`crate::memory_images`]).
+    pub fn work_dir(&self, migration_id: &str, in_memory: Option<u64>) -> std::io::Result<PathBuf> {
         let dir = self.work.join(migration_id);
+        if let (Some(images), Some(bytes)) = (&self.config.memory_images, in_memory) {
+            let name = format!("incoming-{migration_id}");
+            if images.redirect(&dir, &name, bytes)? {
+                return Ok(dir);
+            }
+        }
         private_dir(&dir)?;
         Ok(dir)
     }

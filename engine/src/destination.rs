@@ -151,7 +151,9 @@ impl Destinations {
                 }
             }
         };
-        let dir = match node.work_dir(&req.migration_id) {
+        // The checkpoint's files here, and the restored container beside them.
+        let in_memory = req.memory_bytes.map(|b| b.saturating_mul(2));
+        let dir = match node.work_dir(&req.migration_id, in_memory) {
             Ok(d) => d,
             Err(e) => return error(format!("creating the work folder on {}: {e}", node.name)),
         };
@@ -159,7 +161,8 @@ impl Destinations {
             .container_id
             .as_deref()
             .is_some_and(|id| node.knows_container(id));
-        info!(migration_id = %req.migration_id, container = %req.container, "incoming migration");
+        let files_in_memory = dir.is_symlink();
+        info!(migration_id = %req.migration_id, container = %req.container, files_in_memory, "incoming migration");
         self.inner.lock().expect("destinations lock").insert(
             req.migration_id,
             Incoming {
@@ -642,11 +645,9 @@ async fn no_container_named(node: &Arc<Node>, name: &str) -> Result<(), Reply> {
     }
 }
 
+/// Removes a migration's work folder, or the link to one in memory and its target.
 fn remove_dir(dir: &Path) -> std::io::Result<()> {
-    match std::fs::remove_dir_all(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    }
+    crate::memory_images::remove_images(dir)
 }
 
 #[cfg(test)]

@@ -266,7 +266,7 @@ impl Migration {
     }
 
     fn dir(&self) -> Result<PathBuf, Failure> {
-        self.node.work_dir(&self.id).map_err(|e| {
+        self.node.work_dir(&self.id, None).map_err(|e| {
             self.fail(format!(
                 "creating the work folder on {}: {e}",
                 self.node.name
@@ -284,6 +284,13 @@ impl Migration {
             let (image, id) = self.plan_podman_container().await?;
             (image, Some(id))
         };
+        let memory_bytes = match self.req.image_only {
+            true => None,
+            false => {
+                let (runtime, c) = (self.node.runtime.clone(), container.clone());
+                blocking(move || runtime.memory_bytes(&c)).await
+            }
+        };
         let conn = self.connect().await?;
         self.dest = Some(conn.clone());
         let prepared = self
@@ -293,6 +300,7 @@ impl Migration {
                 base_image: Some(base_image.clone()),
                 container_id: container_id.clone(),
                 image_only: self.req.image_only,
+                memory_bytes,
             }))
             .await?;
         let dir = self.dir()?;
@@ -1111,10 +1119,11 @@ impl Migration {
 }
 
 /// Removes a migration's work folder `dir`, and the final checkpoint's images in memory that
-/// its [`KEPT_IMAGES`] may link to (see [`crate::memory_images`]).
+/// its [`KEPT_IMAGES`] may link to; `dir` itself may be a link to a folder in memory (an
+/// incoming migration's; see [`crate::memory_images`]).
 pub fn remove_work_folder(dir: &Path) -> std::io::Result<()> {
     remove_images(&dir.join(KEPT_IMAGES))?;
-    std::fs::remove_dir_all(dir)
+    remove_images(dir)
 }
 
 /// Logs the threads whose interrupted calls a checkpoint was set to restart.

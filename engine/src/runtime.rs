@@ -311,6 +311,12 @@ pub trait Runtime: Send + Sync + fmt::Debug {
     /// Whether `container` is running; [`RuntimeError::NoSuchContainer`] if it does not exist.
     fn is_running(&self, container: &str) -> Result<bool, RuntimeError>;
 
+    /// The memory a checkpoint of `container` would hold (see
+    /// [`memory_images::resident_bytes`]); `None` when this runtime cannot tell.
+    fn memory_bytes(&self, _container: &str) -> Option<u64> {
+        None
+    }
+
     /// Removes `container`, stopping it at once if it runs. Removing one that does not exist
     /// succeeds, so cleanup can run twice.
     fn remove_container(&self, container: &str) -> Result<(), RuntimeError>;
@@ -588,6 +594,19 @@ impl Runtime for Podman {
         let args = self.restore_args(&[&import], None);
         let stdout = self.run(&args, Subject::None)?;
         self.container_id(&args, &stdout)
+    }
+
+    fn memory_bytes(&self, container: &str) -> Option<u64> {
+        // The PID is this process's to read only without a prefix.
+        if !self.prefix.is_empty() {
+            return None;
+        }
+        let pid = self
+            .inspect(container, "{{.State.Pid}}", "a PID", |out| {
+                out.parse::<u32>().ok()
+            })
+            .ok()?;
+        Some(memory_images::resident_bytes(pid)).filter(|b| *b > 0)
     }
 
     fn is_running(&self, container: &str) -> Result<bool, RuntimeError> {
