@@ -1,4 +1,4 @@
-//! Where Podman's kept checkpoints put their CRIU images: in memory, not on the container's disk.
+//! Where checkpoint images lie while a migration runs: in memory, not on the node's disk.
 //!
 //! `podman container checkpoint --keep` writes the images into the container's folder,
 //! `StaticDir/checkpoint`, on the file system of Podman's storage. When the checkpoint stops
@@ -17,6 +17,13 @@
 //! `podman container restore --keep`. Only when the images fit: the root's free space and the
 //! host's available memory must both exceed the container's resident memory (anonymous and
 //! shared pages: what CRIU dumps) plus [`MARGIN`]. Otherwise the images go to disk as before.
+//!
+//! The destination does the same with an incoming migration's work folder (see
+//! `daemon::Node::work_dir`): the source says how much memory the container holds, and when
+//! twice that fits (the files, and the restored container beside them), the folder links to
+//! one under the root. The pre-copy output and the page images CRIU restores from then never
+//! become dirty pages of a disk. In the lab, where the nodes share one disk, that also spares
+//! the source's unmount from writing out the destination's files.
 //!
 //! Every removal of kept images goes through [`remove_images`], which removes a link's target as
 //! well as the link (`remove_dir_all` on a link removes only the link, and a dangling link in
