@@ -47,10 +47,11 @@ pub struct DaemonArgs {
     /// zstd level of the chunks this node sends.
     #[arg(long, default_value_t = 1)]
     level: i32,
-    /// Where Podman checkpoints write their CRIU images, instead of the container's disk: a
-    /// folder on a memory-backed file system (created 0700), or `off`. By default
-    /// /dev/shm/migrate-images when /dev/shm is a tmpfs. Used only when a checkpoint's images
-    /// fit there and in available memory; they are deleted once sent.
+    /// Where checkpoint images lie while a migration runs, instead of the node's disk (a
+    /// Podman checkpoint's CRIU images; an incoming migration's files): a folder on a
+    /// memory-backed file system (created 0700), or `off`. By default /dev/shm/migrate-images
+    /// when /dev/shm is a tmpfs. Used only when they fit there and in available memory; they
+    /// are deleted once the migration is done with them.
     #[arg(long, value_name = "DIR|off")]
     images_in_memory: Option<PathBuf>,
     #[command(flatten)]

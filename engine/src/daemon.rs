@@ -162,8 +162,13 @@ impl Node {
         let dir = self.work.join(migration_id);
         if let (Some(images), Some(bytes)) = (&self.config.memory_images, in_memory) {
             let name = format!("incoming-{migration_id}");
-            if images.redirect(&dir, &name, bytes)? {
-                return Ok(dir);
+            match images.redirect(&dir, &name, bytes) {
+                Ok(true) => return Ok(dir),
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(error = %e, root = %images.root().display(), "the migration's files go to disk: linking its work folder into memory failed");
+                    let _ = crate::memory_images::remove_images(&dir);
+                }
             }
         }
         private_dir(&dir)?;
