@@ -25,6 +25,7 @@ use crate::control::{
 use crate::daemon::Node;
 use crate::image::{self, ImageOptions};
 use crate::inspect;
+use crate::memory_images::remove_images;
 use crate::pages::{self, PageImage};
 use crate::runtime::RuntimeError;
 
@@ -575,7 +576,7 @@ impl Destinations {
         })
         .await;
         problems.extend(removed);
-        if let Err(e) = remove_dir(&inc.dir) {
+        if let Err(e) = remove_images(&inc.dir) {
             problems.push(format!("removing {}: {e}", inc.dir.display()));
         }
         if problems.is_empty() {
@@ -602,7 +603,7 @@ impl Destinations {
                 warn!(%migration_id, error = %e, "the checkpoint image stays");
             }
         }
-        let _ = remove_dir(&inc.dir);
+        let _ = remove_images(&inc.dir);
         if let Some(id) = &inc.restored {
             node.remember_container(id);
         }
@@ -643,11 +644,6 @@ async fn no_container_named(node: &Arc<Node>, name: &str) -> Result<(), Reply> {
             node.name
         ))),
     }
-}
-
-/// Removes a migration's work folder, or the link to one in memory and its target.
-fn remove_dir(dir: &Path) -> std::io::Result<()> {
-    crate::memory_images::remove_images(dir)
 }
 
 #[cfg(test)]

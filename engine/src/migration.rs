@@ -771,7 +771,7 @@ impl Migration {
         // record says where from first, so a daemon that dies now puts them back on its next
         // start (see `recover_kept`) rather than emptying its work folder of the only copy.
         let home = stopped.kept.dir;
-        let in_memory = std::fs::symlink_metadata(&home).is_ok_and(|m| m.file_type().is_symlink());
+        let in_memory = home.is_symlink();
         let moved = dir.join(KEPT_IMAGES);
         let record = KeptRecord {
             container: self.req.container.clone(),

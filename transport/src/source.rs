@@ -6,8 +6,8 @@
 //! byte once more. [`Source`] presents the files, opened once and sized when opened, as one
 //! stream: [`Source::reader`] reads it in order (for the chunker) and
 //! [`Source::read_exact_at`] reads any range of it (for the chunk streams), across file
-//! boundaries. Files must not change while they are sent: the sender re-checks every chunk it
-//! sends against its id and fails the transfer if one did.
+//! boundaries. Files must not change while they are sent: the receiver checks every chunk
+//! against its id, so a chunk read after its file changed fails the transfer there.
 
 use std::fs::File;
 use std::io::{self, Read};

@@ -642,9 +642,21 @@ impl DiskStore {
     /// [`DiskStore::commit_some`] or [`DiskStore::sync`]. On error the chunk is not indexed; the
     /// pack it was going to is sealed and cut back before the failed record when committed.
     pub fn put(&self, id: &ChunkId, raw_len: u32, encoded: &Encoded) -> Result<bool, StoreError> {
-        check_encoded(id, raw_len, encoded)?;
-        let payload_len = encoded.payload.len() as u32;
-        let len = (RECORD_HEADER_LEN + encoded.payload.len()) as u64;
+        self.put_payload(id, raw_len, encoded.encoding, &encoded.payload)
+    }
+
+    /// [`DiskStore::put`] of a chunk encoded as `encoding` into `payload`, written as it
+    /// lies: a receiver stores the payload it was sent without copying it first.
+    pub fn put_payload(
+        &self,
+        id: &ChunkId,
+        raw_len: u32,
+        encoding: Encoding,
+        payload: &[u8],
+    ) -> Result<bool, StoreError> {
+        check_encoded(id, raw_len, encoding, payload)?;
+        let payload_len = payload.len() as u32;
+        let len = (RECORD_HEADER_LEN + payload.len()) as u64;
         let (seq, offset, file) = {
             let mut state = self.state();
             if state.mark_used(id) {
@@ -667,10 +679,12 @@ impl DiskStore {
             }
             (seq, offset, file)
         };
-        let mut record = Vec::with_capacity(len as usize);
-        record.extend_from_slice(&record_header(id, encoded.encoding, raw_len, payload_len));
-        record.extend_from_slice(&encoded.payload);
-        let written = file.write_all_at(&record, offset);
+        // Header and payload in two writes rather than one copied record: the range is this
+        // put's alone, and the chunk is indexed only once both are in.
+        let header = record_header(id, encoding, raw_len, payload_len);
+        let written = file
+            .write_all_at(&header, offset)
+            .and_then(|()| file.write_all_at(payload, offset + RECORD_HEADER_LEN as u64));
 
         let mut guard = self.state();
         let tick = guard.tick();
@@ -1131,18 +1145,23 @@ fn spread_index(seed: u64, len: usize) -> usize {
 
 /// Refuses encodings that cannot be a chunk of `raw_len` bytes (the store's reader would
 /// reject them as corrupt anyway).
-fn check_encoded(id: &ChunkId, raw_len: u32, encoded: &Encoded) -> Result<(), StoreError> {
+fn check_encoded(
+    id: &ChunkId,
+    raw_len: u32,
+    encoding: Encoding,
+    payload: &[u8],
+) -> Result<(), StoreError> {
     let reason = if raw_len > MAX_CHUNK_LEN {
         format!("raw length {raw_len} is over the {MAX_CHUNK_LEN}-byte limit")
-    } else if encoded.encoding == Encoding::Raw && encoded.payload.len() != raw_len as usize {
+    } else if encoding == Encoding::Raw && payload.len() != raw_len as usize {
         format!(
             "raw payload of {} bytes for a declared {raw_len}",
-            encoded.payload.len()
+            payload.len()
         )
-    } else if encoded.payload.len() > raw_len as usize {
+    } else if payload.len() > raw_len as usize {
         format!(
             "compressed payload of {} bytes is longer than the {raw_len}-byte chunk",
-            encoded.payload.len()
+            payload.len()
         )
     } else {
         return Ok(());

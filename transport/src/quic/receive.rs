@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
 
 use super::{classify, sleep_until, write_frame, FrameReader, SessionError, TransferError};
-use crate::codec::{self, Encoded, Encoding};
+use crate::codec::{self, Encoding};
 use crate::frame::{AbortCode, Frame};
 use crate::protocol::{Held, ProtocolError, Receiver, ReceiverConfig, StoreCopy};
 use crate::sink::{Layout, Piece, Sink};
@@ -590,13 +590,17 @@ fn store_chunk(shared: &Shared, id: ChunkId, raw_len: u32, encoding: u8, payload
     };
     let raw = match codec::decode_verified(&id, raw_len, encoding, payload) {
         Ok(raw) => raw,
-        Err(e) => return shared.fail(AbortCode::BadChunk, format!("chunk {id} refused: {e}")),
+        Err(e) => {
+            return shared.fail(
+                AbortCode::BadChunk,
+                format!(
+                    "chunk {id} refused: {e} (a sender's file that changed while it was sent \
+                     gives this too)"
+                ),
+            )
+        }
     };
-    let encoded = Encoded {
-        encoding,
-        payload: payload.to_vec(),
-    };
-    if let Err(e) = shared.store.put(&id, raw_len, &encoded) {
+    if let Err(e) = shared.store.put_payload(&id, raw_len, encoding, payload) {
         let code = store_abort_code(&e);
         return shared.fail(code, format!("receiver could not store chunk {id}: {e}"));
     }

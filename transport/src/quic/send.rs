@@ -24,7 +24,7 @@ use crate::frame::{AbortCode, Frame};
 use crate::protocol::{ChunkRequest, ProtocolError, Sender, SenderConfig, SenderStats};
 use crate::source::Source;
 use crate::tls::SERVER_NAME;
-use crate::{ChunkId, ManifestEntry};
+use crate::ManifestEntry;
 
 /// How to send.
 #[derive(Debug, Clone)]
@@ -564,17 +564,12 @@ impl ChunkWorker {
 const ENCODE_BATCH: usize = 4;
 
 /// Reads and compresses one chunk into a complete `Chunk` frame, as its head and its payload
-/// (see [`Frame::encode_parts`]). A source that changed since it was chunked is caught here
-/// rather than by the receiver.
+/// (see [`Frame::encode_parts`]). The bytes are not hashed again here: the receiver checks
+/// every chunk against its id, and refuses the transfer when a file changed since it was
+/// chunked (hashing on both ends cost about 5 % of a pre-copy round's CPU).
 fn encode_chunk(source: &Source, req: ChunkRequest, level: i32) -> std::io::Result<[Bytes; 2]> {
     let mut raw = vec![0u8; req.len as usize];
     source.read_exact_at(&mut raw, req.offset)?;
-    if ChunkId::of(&raw) != req.id {
-        return Err(std::io::Error::other(format!(
-            "bytes at offset {} changed since they were chunked: the source must not be modified during a transfer",
-            req.offset
-        )));
-    }
     let encoded = codec::encode_owned(raw, level);
     let frame = Frame::Chunk {
         id: req.id,
