@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
 
@@ -520,6 +521,19 @@ async fn accept_chunk_streams(
 /// Reads `Chunk` frames from one stream; verifies, stores and writes each before reading the
 /// next, so a stream holds at most one chunk in memory beyond QUIC's window.
 async fn receive_chunks(mut reader: FrameReader, shared: Arc<Shared>) -> Result<(), SessionError> {
+    // One blocking thread per stream verifies, stores and writes its chunks, fed through a
+    // short queue: the stream reads on while the thread works, and neither wakes the other
+    // for every chunk (a hand-off and a completion per chunk cost two cross-core wake-ups).
+    let (chunks, mut queue) = mpsc::channel::<ReceivedChunk>(STORE_QUEUE);
+    let worker_shared = shared.clone();
+    tokio::task::spawn_blocking(move || {
+        while let Some(c) = queue.blocking_recv() {
+            store_chunk(&worker_shared, c.id, c.raw_len, c.encoding, &c.payload);
+            *worker_shared.storing.lock().expect("storing lock") -= 1;
+            worker_shared.stored.notify_all();
+            worker_shared.wake.notify_one();
+        }
+    });
     while let Some(frame) = reader.next().await? {
         let Frame::Chunk {
             id,
@@ -546,16 +560,20 @@ async fn receive_chunks(mut reader: FrameReader, shared: Arc<Shared>) -> Result<
         shared
             .wire
             .fetch_add(payload.len() as u64, Ordering::Relaxed);
-        let task_shared = shared.clone();
         *shared.storing.lock().expect("storing lock") += 1;
-        tokio::task::spawn_blocking(move || {
-            store_chunk(&task_shared, id, raw_len, encoding, &payload);
-            *task_shared.storing.lock().expect("storing lock") -= 1;
-            task_shared.stored.notify_all();
-        })
-        .await
-        .expect("chunk verification does not panic");
-        shared.wake.notify_one();
+        let chunk = ReceivedChunk {
+            id,
+            raw_len,
+            encoding,
+            payload,
+        };
+        if let Err(unsent) = chunks.send(chunk).await {
+            // The worker is gone (it cannot be while this holds the queue): count it back.
+            drop(unsent);
+            *shared.storing.lock().expect("storing lock") -= 1;
+            shared.stored.notify_all();
+            return Ok(());
+        }
         // Make sealed packs durable off the critical path; waiting for a slot is the
         // back-pressure when the disk falls behind.
         if shared.store.sealed() > 0 {
@@ -578,6 +596,17 @@ async fn receive_chunks(mut reader: FrameReader, shared: Arc<Shared>) -> Result<
         }
     }
     Ok(())
+}
+
+/// Chunks one stream may have queued for its blocking thread.
+const STORE_QUEUE: usize = 8;
+
+/// A chunk as it came off a stream, queued to be verified and stored.
+struct ReceivedChunk {
+    id: ChunkId,
+    raw_len: u32,
+    encoding: u8,
+    payload: Bytes,
 }
 
 /// Verifies a chunk against its id, stores it, and writes it wherever the stream has it.
