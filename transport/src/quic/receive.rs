@@ -518,8 +518,9 @@ async fn accept_chunk_streams(
     }
 }
 
-/// Reads `Chunk` frames from one stream; verifies, stores and writes each before reading the
-/// next, so a stream holds at most one chunk in memory beyond QUIC's window.
+/// Reads `Chunk` frames from one stream and queues each for the stream's blocking thread,
+/// which verifies, stores and writes it; a stream holds at most [`STORE_QUEUE`] + 1 chunks in
+/// memory beyond QUIC's window.
 async fn receive_chunks(mut reader: FrameReader, shared: Arc<Shared>) -> Result<(), SessionError> {
     // One blocking thread per stream verifies, stores and writes its chunks, fed through a
     // short queue: the stream reads on while the thread works, and neither wakes the other
@@ -529,8 +530,7 @@ async fn receive_chunks(mut reader: FrameReader, shared: Arc<Shared>) -> Result<
     tokio::task::spawn_blocking(move || {
         while let Some(c) = queue.blocking_recv() {
             store_chunk(&worker_shared, c.id, c.raw_len, c.encoding, &c.payload);
-            *worker_shared.storing.lock().expect("storing lock") -= 1;
-            worker_shared.stored.notify_all();
+            drop(c);
             worker_shared.wake.notify_one();
         }
     });
@@ -560,18 +560,19 @@ async fn receive_chunks(mut reader: FrameReader, shared: Arc<Shared>) -> Result<
         shared
             .wire
             .fetch_add(payload.len() as u64, Ordering::Relaxed);
-        *shared.storing.lock().expect("storing lock") += 1;
         let chunk = ReceivedChunk {
             id,
             raw_len,
             encoding,
             payload,
+            _storing: Storing::start(&shared),
         };
-        if let Err(unsent) = chunks.send(chunk).await {
-            // The worker is gone (it cannot be while this holds the queue): count it back.
-            drop(unsent);
-            *shared.storing.lock().expect("storing lock") -= 1;
-            shared.stored.notify_all();
+        if chunks.send(chunk).await.is_err() {
+            // Only a panic ends the thread while this stream still feeds it.
+            shared.fail(
+                AbortCode::Io,
+                "the thread storing a stream's chunks stopped (a bug: see the daemon's log)".into(),
+            );
             return Ok(());
         }
         // Make sealed packs durable off the critical path; waiting for a slot is the
@@ -607,6 +608,25 @@ struct ReceivedChunk {
     raw_len: u32,
     encoding: u8,
     payload: Bytes,
+    _storing: Storing,
+}
+
+/// Counts one chunk in [`Shared::storing`] from when it is queued until it is dropped: stored,
+/// or never (a queue dropped with it), so the session's wait for stores always ends.
+struct Storing(Arc<Shared>);
+
+impl Storing {
+    fn start(shared: &Arc<Shared>) -> Storing {
+        *shared.storing.lock().expect("storing lock") += 1;
+        Storing(shared.clone())
+    }
+}
+
+impl Drop for Storing {
+    fn drop(&mut self) {
+        *self.0.storing.lock().expect("storing lock") -= 1;
+        self.0.stored.notify_all();
+    }
 }
 
 /// Verifies a chunk against its id, stores it, and writes it wherever the stream has it.
