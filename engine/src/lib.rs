@@ -27,6 +27,7 @@ pub mod crio;
 pub mod daemon;
 pub mod destination;
 pub mod drain;
+pub mod earlier_cuts;
 pub mod image;
 pub mod inspect;
 pub mod kubelet;

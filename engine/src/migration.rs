@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tracing::{info, warn};
+use transport::chunker::earlier::EarlierFile;
 use transport::quic::{self, DialError, Dialer, SendOptions, SendReport, TransferError};
 use transport::tls::SERVER_NAME;
 use transport::ManifestEntry;
@@ -35,6 +36,7 @@ use crate::control::{
     TransferHello, BASE_IMAGE_ROUND, KNOWS_CONTAINER,
 };
 use crate::daemon::Node;
+use crate::earlier_cuts;
 use crate::memory_images::remove_images;
 use crate::pages::{self, PageImage};
 use crate::podman_archive;
@@ -173,6 +175,7 @@ pub async fn run(node: Arc<Node>, id: String, req: MigrateRequest, events: mpsc:
         kept: None,
         wire_total: 0,
         in_place: 0,
+        earlier: Vec::new(),
         keep_dir: false,
     };
     info!(container = %m.req.container, to = %m.req.to_node, precopy = ?m.req.precopy, "migration started");
@@ -226,6 +229,9 @@ struct Migration {
     wire_total: u64,
     /// Bytes the destination found in place in its last pre-copy output (final round).
     in_place: u64,
+    /// The cuts of the last pre-copy round's page images, for the next round to take where
+    /// they have not changed (see [`crate::earlier_cuts`]).
+    earlier: Vec<EarlierFile>,
     /// The work folder must stay: a background task still reads it, or it holds the only
     /// copy of a container that could not be restored.
     keep_dir: bool,
@@ -691,10 +697,19 @@ impl Migration {
                 .resume_after_precopy(round, &rewound)
                 .await
                 .map(|()| None),
-            Ok(false) => self
-                .send_files(round, &kept.pages, Vec::new())
-                .await
-                .map(Some),
+            Ok(false) => {
+                // Their lengths, before the images go.
+                let lens: Vec<u64> = kept
+                    .pages
+                    .iter()
+                    .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+                    .collect();
+                let sent = self.send_files(round, &kept.pages, Vec::new()).await;
+                if let Ok(report) = &sent {
+                    self.earlier = earlier_cuts::per_page_file(&kept.pages, &lens, &report.cuts);
+                }
+                sent.map(Some)
+            }
             Err(f) => Err(f),
         };
         if let Err(e) = remove_images(&kept.dir) {
@@ -899,6 +914,10 @@ impl Migration {
             progress: Some(progress.clone()),
             // The final round's chunks are kept here afterwards, from this manifest.
             keep_manifest: round == 0,
+            // A pre-copy round's cuts serve the next round, which takes those of what did
+            // not change instead of cutting and hashing it again.
+            record_cuts: round != 0 && round != BASE_IMAGE_ROUND,
+            earlier: earlier_cuts::matched(&self.earlier, paths),
             ..SendOptions::default()
         };
         let config = self
@@ -941,6 +960,13 @@ impl Migration {
         })
         .await;
         self.wire_total += report.wire_bytes;
+        if report.earlier_bytes > 0 {
+            info!(
+                round,
+                bytes = report.earlier_bytes,
+                "cuts taken from the last pre-copy round, not cut and hashed again"
+            );
+        }
         Ok(report)
     }
 

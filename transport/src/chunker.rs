@@ -19,6 +19,7 @@ use std::iter::FusedIterator;
 
 use fastcdc::v2020;
 
+pub mod earlier;
 pub mod parallel;
 
 use crate::{ChunkId, ManifestEntry, AVG_CHUNK_LEN, MAX_CHUNK_LEN, MIN_CHUNK_LEN};

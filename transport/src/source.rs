@@ -94,6 +94,15 @@ impl Source {
             })
     }
 
+    /// Where the stream holds the file opened as `path` (as given to [`Source::open`]): its
+    /// first byte's offset and its length; the first such file if given twice.
+    pub fn span_of(&self, path: &Path) -> Option<(u64, u64)> {
+        self.parts
+            .iter()
+            .find(|p| p.path == path)
+            .map(|p| (p.start, p.len))
+    }
+
     /// Index of the part holding `offset`, skipping empty files.
     fn part_at(&self, offset: u64) -> Option<usize> {
         let i = self.parts.partition_point(|p| p.start + p.len <= offset);

@@ -18,6 +18,7 @@ use common::{loopback, same_file, write_source, Lab, DEADLINE};
 use tempfile::TempDir;
 use tokio::net::UdpSocket;
 use tokio::time::timeout;
+use transport::chunker::earlier::{per_file, EarlierFile};
 use transport::chunker::Chunker;
 use transport::frame::{AbortCode, Frame, VERSION};
 use transport::ingest::ingest_file;
@@ -142,13 +143,25 @@ async fn send_files_into(
     out: &Path,
     options: &ReceiveOptions,
 ) -> (quic::ReceiveReport, quic::SendReport) {
+    send_with(lab, store, files, out, options, &SEND).await
+}
+
+/// [`send_files_into`], the sender with options `send`.
+async fn send_with(
+    lab: &Lab,
+    store: Arc<DiskStore>,
+    files: &[&std::path::PathBuf],
+    out: &Path,
+    options: &ReceiveOptions,
+    send: &SendOptions,
+) -> (quic::ReceiveReport, quic::SendReport) {
     let server =
         quic::server_endpoint(&lab.receiver, loopback(), quic::DEFAULT_IDLE_TIMEOUT).unwrap();
     let addr = server.local_addr().unwrap();
     let client =
         quic::client_endpoint(&lab.sender, Some("receiver"), quic::DEFAULT_IDLE_TIMEOUT).unwrap();
     let receiving = quic::receive_file(&server, store, out, options);
-    let sending = quic::send_files(&client, addr, files, &SEND);
+    let sending = quic::send_files(&client, addr, files, send);
     let (received, sent) = timeout(DEADLINE, async { tokio::join!(receiving, sending) })
         .await
         .unwrap();
@@ -202,7 +215,8 @@ async fn a_range_of_the_stream_written_to_its_own_file() {
 /// a few pages rewritten. Its memory goes to a file built over that round's output, whose
 /// chunks the receiver kept (`keep_held`, then `held`): only the rewritten pages and the
 /// header come over the wire, though the receiver's store is empty, and the rest is left where
-/// it lies.
+/// it lies. The sender recorded the earlier round's cuts and takes those of the pages that did
+/// not change instead of cutting and hashing them again.
 #[tokio::test]
 async fn a_file_built_over_a_held_output_gets_only_what_changed() {
     let lab = Lab::new();
@@ -213,7 +227,19 @@ async fn a_file_built_over_a_held_output_gets_only_what_changed() {
         keep_held: true,
         ..ReceiveOptions::default()
     };
-    let (received, _) = send_files_to(&lab, &[&memory], &first, &keep).await;
+    let record = SendOptions {
+        record_cuts: true,
+        ..SendOptions::default()
+    };
+    let (received, sent) = send_with(&lab, lab.store(), &[&memory], &first, &keep, &record).await;
+    let memory_len = std::fs::metadata(&memory).unwrap().len();
+    let earlier = SendOptions {
+        earlier: vec![EarlierFile {
+            current: memory.clone(),
+            cuts: per_file(&sent.cuts, &[memory_len]).swap_remove(0),
+        }],
+        ..SendOptions::default()
+    };
     let held = received
         .held
         .expect("the receiver kept the output's chunks");
@@ -241,8 +267,14 @@ async fn a_file_built_over_a_held_output_gets_only_what_changed() {
     };
     let empty = Arc::new(DiskStore::open(&lab.path("empty-store"), None).unwrap());
     let out = lab.path("final.tar");
-    let (received, sent) = send_files_into(&lab, empty, &[&header, &memory], &out, &options).await;
+    let (received, sent) =
+        send_with(&lab, empty, &[&header, &memory], &out, &options, &earlier).await;
     assert!(std::fs::read(&pages).unwrap() == bytes, "the pages differ");
+    assert!(
+        sent.earlier_bytes * 10 > memory_len * 6 && sent.earlier_bytes < memory_len,
+        "{} of {memory_len} bytes had their cuts taken from the earlier round",
+        sent.earlier_bytes
+    );
     assert!(
         received.chunks_in_place * 10 > received.chunks * 6,
         "only {} of {} chunks were found in place",

@@ -118,10 +118,17 @@ fn main() -> Result<()> {
     };
     let (cut, spans) = fastest_seconds(args.runs, || {
         let mut spans = Vec::new();
-        cut_parallel(args.size, &read_at, 1, SEGMENT_LEN, |offset, entry| {
-            spans.push((offset as usize, entry));
-            true
-        })
+        cut_parallel(
+            args.size,
+            &read_at,
+            1,
+            SEGMENT_LEN,
+            Default::default(),
+            |offset, entry| {
+                spans.push((offset as usize, entry));
+                true
+            },
+        )
         .context("cutting the in-memory data")?;
         Ok(spans)
     })?;

@@ -13,6 +13,9 @@
 //! without cut points (zeros, cut at the maximal length) may not fall back into step; then the
 //! calling thread cuts them alone, as slowly as the sequential chunker, and still correctly.
 //!
+//! Given [`EarlierCuts`], every thread takes the earlier cuts it can instead of cutting (the
+//! result is the same, see [`super::earlier`]) and records the cuts it makes.
+//!
 //! Memory: each worker holds one segment plus one maximal chunk, and at most one finished
 //! segment's entries waits per worker.
 
@@ -21,6 +24,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
+use super::earlier::{self, EarlierCut, EarlierCuts};
 use super::{cut_entry, Masks};
 use crate::{ChunkId, ManifestEntry, MAX_CHUNK_LEN};
 
@@ -35,14 +39,17 @@ pub type ReadAt<'a> = dyn Fn(&mut [u8], u64) -> io::Result<()> + Sync + 'a;
 
 /// Cuts the `len`-byte stream that `read_at` reads on `threads` worker threads (at least
 /// one), in segments of `segment_len` bytes, and calls `emit` with every chunk's offset and
-/// entry in stream order, exactly as [`super::Chunker`] would yield them. `emit` returns
-/// `false` to stop early. Returns the stream's length once every chunk was emitted, `None`
-/// when `emit` stopped, or the first read error.
+/// entry in stream order, exactly as [`super::Chunker`] would yield them. Where `earlier`
+/// has the cut at hand, it is taken instead of cutting and hashing; every cut made (also those
+/// of positions the true cuts skip) is recorded where it says. `emit` returns `false` to
+/// stop early. Returns the stream's length once every chunk was emitted, `None` when `emit`
+/// stopped, or the first read error.
 pub fn cut_parallel(
     len: u64,
     read_at: &ReadAt<'_>,
     threads: usize,
     segment_len: usize,
+    earlier: EarlierCuts<'_>,
     mut emit: impl FnMut(u64, ManifestEntry) -> bool,
 ) -> io::Result<Option<u64>> {
     let segment_len = segment_len.max(1) as u64;
@@ -57,7 +64,7 @@ pub fn cut_parallel(
             results.push(rx);
             let stop = &stop;
             s.spawn(move || {
-                let mut worker = Worker::new(masks);
+                let mut worker = Worker::new(masks, earlier);
                 let mut k = first as u64;
                 while k < segments && !stop.load(Ordering::Relaxed) {
                     let start = k * segment_len;
@@ -76,6 +83,7 @@ pub fn cut_parallel(
             len,
             read_at,
             masks,
+            earlier,
             segments,
             segment_len,
             &results,
@@ -88,16 +96,32 @@ pub fn cut_parallel(
 
 /// The calling thread's part: the segments' cuts in order, mended where they were not in
 /// step with the true position.
+#[allow(clippy::too_many_arguments)]
 fn merge(
     len: u64,
     read_at: &ReadAt<'_>,
     masks: Masks,
+    earlier: EarlierCuts<'_>,
     segments: u64,
     segment_len: u64,
     results: &[mpsc::Receiver<SegmentCuts>],
     emit: &mut impl FnMut(u64, ManifestEntry) -> bool,
 ) -> io::Result<Option<u64>> {
-    let mut own = Worker::new(masks);
+    let mut own = Worker::new(masks, earlier);
+    let outcome = merge_with(&mut own, len, read_at, segments, segment_len, results, emit);
+    own.flush();
+    outcome
+}
+
+fn merge_with(
+    own: &mut Worker<'_>,
+    len: u64,
+    read_at: &ReadAt<'_>,
+    segments: u64,
+    segment_len: u64,
+    results: &[mpsc::Receiver<SegmentCuts>],
+    emit: &mut impl FnMut(u64, ManifestEntry) -> bool,
+) -> io::Result<Option<u64>> {
     let mut pos = 0u64;
     for k in 0..segments {
         let cuts = results[(k % results.len() as u64) as usize]
@@ -125,19 +149,31 @@ fn merge(
     Ok(Some(len))
 }
 
-/// One thread's cutting state: its read buffer and its cache of zero-chunk ids.
-struct Worker {
+/// One thread's cutting state: its read buffer, its cache of zero-chunk ids, the earlier cuts
+/// it may take and the cuts it made that are not recorded yet.
+struct Worker<'a> {
     masks: Masks,
     buf: Vec<u8>,
     zero_ids: HashMap<u32, ChunkId>,
+    earlier: EarlierCuts<'a>,
+    made: Vec<EarlierCut>,
 }
 
-impl Worker {
-    fn new(masks: Masks) -> Self {
+impl<'a> Worker<'a> {
+    fn new(masks: Masks, earlier: EarlierCuts<'a>) -> Self {
         Worker {
             masks,
             buf: Vec::new(),
             zero_ids: HashMap::new(),
+            earlier,
+            made: Vec::new(),
+        }
+    }
+
+    /// Hands the cuts made so far to the record.
+    fn flush(&mut self) {
+        if let Some(record) = self.earlier.record {
+            record.add(&mut self.made);
         }
     }
 
@@ -148,9 +184,14 @@ impl Worker {
         read_at(&mut self.buf, start)
     }
 
-    /// The entry of the chunk at the start of `window`.
-    fn entry(&mut self, window: &[u8]) -> ManifestEntry {
-        cut_entry(self.masks, &mut self.zero_ids, window)
+    /// The entry of the chunk at stream `offset`, the start of `window`.
+    fn entry(&mut self, offset: u64, window: &[u8]) -> ManifestEntry {
+        let taken = self.earlier.take.and_then(|e| e.reuse(offset, window));
+        let entry = taken.unwrap_or_else(|| cut_entry(self.masks, &mut self.zero_ids, window));
+        if self.earlier.record.is_some() {
+            self.made.extend(earlier::record(offset, entry, window));
+        }
+        entry
     }
 
     /// Cuts the chunks that start in `[start, end)`, as if one started at `start`.
@@ -161,11 +202,12 @@ impl Worker {
         let mut at = 0usize;
         let stop = (end - start) as usize;
         while at < stop {
-            let entry = self.entry(&buf[at..]);
+            let entry = self.entry(start + at as u64, &buf[at..]);
             cuts.push((start + at as u64, entry));
             at += entry.len as usize;
         }
         self.buf = buf;
+        self.flush();
         Ok(cuts)
     }
 
@@ -173,18 +215,18 @@ impl Worker {
     fn cut_one(&mut self, read_at: &ReadAt<'_>, pos: u64, len: u64) -> io::Result<ManifestEntry> {
         self.fill(read_at, pos, pos, len)?;
         let buf = std::mem::take(&mut self.buf);
-        let entry = self.entry(&buf);
+        let entry = self.entry(pos, &buf);
         self.buf = buf;
         Ok(entry)
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::chunker::Chunker;
 
-    fn sequential(data: &[u8]) -> Vec<(u64, ManifestEntry)> {
+    pub(crate) fn sequential(data: &[u8]) -> Vec<(u64, ManifestEntry)> {
         Chunker::new(data)
             .map(|s| s.map(|s| (s.offset, s.entry)))
             .collect::<io::Result<_>>()
@@ -198,17 +240,24 @@ mod tests {
             Ok(())
         };
         let mut out = Vec::new();
-        let total = cut_parallel(data.len() as u64, &read_at, threads, segment_len, |o, e| {
-            out.push((o, e));
-            true
-        })
+        let total = cut_parallel(
+            data.len() as u64,
+            &read_at,
+            threads,
+            segment_len,
+            EarlierCuts::default(),
+            |o, e| {
+                out.push((o, e));
+                true
+            },
+        )
         .unwrap();
         assert_eq!(total, Some(data.len() as u64));
         out
     }
 
     /// Random runs, text-like runs and zero runs, the mix a memory dump has.
-    fn mixed(len: usize, seed: u64) -> Vec<u8> {
+    pub(crate) fn mixed(len: usize, seed: u64) -> Vec<u8> {
         let mut rng = fastrand::Rng::with_seed(seed);
         let mut data = Vec::with_capacity(len);
         while data.len() < len {
@@ -264,10 +313,17 @@ mod tests {
             Ok(())
         };
         let mut seen = 0;
-        let stopped = cut_parallel(data.len() as u64, &read_at, 2, 1 << 20, |_, _| {
-            seen += 1;
-            seen < 3
-        })
+        let stopped = cut_parallel(
+            data.len() as u64,
+            &read_at,
+            2,
+            1 << 20,
+            EarlierCuts::default(),
+            |_, _| {
+                seen += 1;
+                seen < 3
+            },
+        )
         .unwrap();
         assert_eq!((stopped, seen), (None, 3));
 
@@ -278,7 +334,15 @@ mod tests {
                 Ok(())
             }
         };
-        let err = cut_parallel(4 << 20, &failing, 2, 1 << 20, |_, _| true).unwrap_err();
+        let err = cut_parallel(
+            4 << 20,
+            &failing,
+            2,
+            1 << 20,
+            EarlierCuts::default(),
+            |_, _| true,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("disk gone"), "{err}");
     }
 }

@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 use super::{
     classify, sleep_until, write_error, write_frame, FrameReader, SessionError, TransferError,
 };
+use crate::chunker::earlier::{Earlier, EarlierCut, EarlierCuts, EarlierFile, Recorded};
 use crate::chunker::parallel;
 use crate::codec;
 use crate::frame::{AbortCode, Frame};
@@ -48,6 +49,13 @@ pub struct SendOptions {
     /// length, so the caller can keep the chunks in its own store without cutting and hashing
     /// the stream again ([`crate::ingest::ingest_manifest`]). About 0.5 MB per GiB sent.
     pub keep_manifest: bool,
+    /// Files of the stream as they were sent before, with the cuts made in them then: where
+    /// their bytes have not changed, those cuts are taken instead of cutting and hashing again
+    /// (see [`crate::chunker::earlier`]). Files the stream does not hold are ignored.
+    pub earlier: Vec<EarlierFile>,
+    /// Record every cut with its fingerprint in [`SendReport::cuts`], for a later stream over
+    /// the same files to give as [`SendOptions::earlier`].
+    pub record_cuts: bool,
 }
 
 impl Default for SendOptions {
@@ -59,6 +67,8 @@ impl Default for SendOptions {
             resume_timeout: Duration::from_secs(60),
             progress: None,
             keep_manifest: false,
+            earlier: Vec::new(),
+            record_cuts: false,
         }
     }
 }
@@ -80,6 +90,11 @@ pub struct SendReport {
     pub connections: u32,
     /// Wall time from the first connection attempt to the receiver's confirmation.
     pub seconds: f64,
+    /// Source bytes whose cuts were taken from [`SendOptions::earlier`] files.
+    pub earlier_bytes: u64,
+    /// Every cut made, by stream offset, when [`SendOptions::record_cuts`] asked for them.
+    #[serde(skip)]
+    pub cuts: Vec<EarlierCut>,
     /// The stream's chunks in order, as (offset, entry), when [`SendOptions::keep_manifest`]
     /// asked for them; empty otherwise.
     #[serde(skip)]
@@ -192,6 +207,8 @@ pub async fn send_files_via<P: AsRef<Path>>(
         Source::open(paths).map_err(|(path, source)| TransferError::Source { path, source })?,
     );
     let input_bytes = source.len();
+    let earlier = (!options.earlier.is_empty())
+        .then(|| Arc::new(Earlier::new(&options.earlier, |path| source.span_of(path))));
     let wire = Arc::new(AtomicU64::new(0));
     let mut report = SendReport {
         input_bytes,
@@ -217,7 +234,8 @@ pub async fn send_files_via<P: AsRef<Path>>(
                 info!(peer = %peer, resumed = connected_once, "connected");
                 connected_once = true;
                 report.connections += 1;
-                let result = session(&conn, &peer, &source, options, &wire, &mut report).await;
+                let result =
+                    session(&conn, &peer, &source, &earlier, options, &wire, &mut report).await;
                 let reason: &[u8] = if result.is_ok() { b"done" } else { b"failed" };
                 let stats = conn.stats();
                 info!(
@@ -242,6 +260,7 @@ pub async fn send_files_via<P: AsRef<Path>>(
                 report.chunks_reused = stats.chunks_reused;
                 report.wire_bytes = wire.load(Ordering::Relaxed);
                 report.seconds = started.elapsed().as_secs_f64();
+                report.earlier_bytes = earlier.as_ref().map_or(0, |e| e.reused_bytes());
                 if let Some(progress) = &options.progress {
                     progress.fetch_max(input_bytes, Ordering::Relaxed);
                 }
@@ -286,6 +305,7 @@ async fn session(
     conn: &quinn::Connection,
     peer: &str,
     source: &Arc<Source>,
+    earlier: &Option<Arc<Earlier>>,
     options: &SendOptions,
     wire: &Arc<AtomicU64>,
     report: &mut SendReport,
@@ -296,10 +316,19 @@ async fn session(
     let mut sender = Sender::new(options.protocol.clone(), source.len(), Instant::now());
 
     let (input_tx, mut input_rx) = mpsc::channel(4096);
-    let chunk_source = source.clone();
+    let (chunk_source, chunk_earlier) = (source.clone(), earlier.clone());
+    // A resumed session cuts the stream from the start again: it records anew.
+    let recorded = options.record_cuts.then(|| Arc::new(Recorded::default()));
+    let chunk_recorded = recorded.clone();
     std::thread::Builder::new()
         .name("chunker".into())
-        .spawn(move || chunk_source_stream(&chunk_source, &input_tx))
+        .spawn(move || {
+            let earlier = EarlierCuts {
+                take: chunk_earlier.as_deref(),
+                record: chunk_recorded.as_deref(),
+            };
+            chunk_source_stream(&chunk_source, earlier, &input_tx)
+        })
         .map_err(|e| TransferError::Source {
             path: source.path_at(0).to_path_buf(),
             source: e,
@@ -414,6 +443,10 @@ async fn session(
     if let (Ok(_), Some(manifest)) = (&result, manifest) {
         report.manifest = manifest;
     }
+    // The chunker records every cut before it says the stream ended.
+    if let (Ok(_), Some(recorded)) = (&result, recorded) {
+        report.cuts = recorded.take();
+    }
     debug!(?stats, "session ended");
     result
 }
@@ -478,8 +511,8 @@ fn take_input(
 
 /// Runs on its own thread: cuts the source on every core (the very cuts of a
 /// [`crate::chunker::Chunker`]) and hands entries to the session in order, blocking when the
-/// session's window is full.
-fn chunk_source_stream(source: &Arc<Source>, tx: &mpsc::Sender<Input>) {
+/// session's window is full. Cuts `earlier` has at hand are taken from it.
+fn chunk_source_stream(source: &Arc<Source>, earlier: EarlierCuts<'_>, tx: &mpsc::Sender<Input>) {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let read_at = |buf: &mut [u8], at: u64| source.read_exact_at(buf, at);
     let cut = parallel::cut_parallel(
@@ -487,6 +520,7 @@ fn chunk_source_stream(source: &Arc<Source>, tx: &mpsc::Sender<Input>) {
         &read_at,
         threads,
         parallel::SEGMENT_LEN,
+        earlier,
         |offset, entry| tx.blocking_send(Input::Entry(offset, entry)).is_ok(),
     );
     let last = match cut {
