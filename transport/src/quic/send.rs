@@ -90,7 +90,8 @@ pub struct SendReport {
     pub connections: u32,
     /// Wall time from the first connection attempt to the receiver's confirmation.
     pub seconds: f64,
-    /// Source bytes whose cuts were taken from [`SendOptions::earlier`] files.
+    /// Source bytes whose cuts were taken from [`SendOptions::earlier`] files, over all
+    /// connections (a resumed transfer cuts the stream again from its start).
     pub earlier_bytes: u64,
     /// Every cut made, by stream offset, when [`SendOptions::record_cuts`] asked for them.
     #[serde(skip)]
