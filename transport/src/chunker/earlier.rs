@@ -2,7 +2,7 @@
 //!
 //! A migration's final checkpoint holds nearly the same memory pages as its pre-copy
 //! checkpoint, at the same places in their files. Cutting and hashing those bytes again costs
-//! about a core-second per GiB while the container is frozen. So the cutting of the pre-copy
+//! most of a core-second per GiB while the container is frozen. So the cutting of the pre-copy
 //! round records, for every cut it makes, a [`fingerprint`] of the bytes FastCDC read to make
 //! it: the chunk and the byte after it (that byte's hash triggers the cut; a maximal chunk has
 //! no such byte). Given those cuts for some files of the next stream ([`EarlierFile`]),
@@ -10,13 +10,15 @@
 //! before; when the fingerprints agree, and both cuts had a maximal chunk's worth of stream in
 //! front of them (so they had the same bounds), the cut is the earlier one: same length, id
 //! and zero flag, exactly what cutting would find. Anything else is cut as usual, so the cuts
-//! are the sequential chunker's, whatever the earlier cuts were.
+//! are the sequential chunker's, whatever the earlier cuts were, barring a collision of
+//! fingerprints.
 //!
 //! The fingerprint is XXH3-128 keyed with a secret drawn from the kernel at random for each
-//! process, the way rsync tells unchanged blocks with XXH128: about ten times blake3's speed.
-//! A chunk would be taken for unchanged only if its new bytes collided with its old ones under
-//! a 128-bit key they cannot know: the bytes are a container's own memory. Every chunk that is
-//! sent is still checked by the receiver against its blake3 id.
+//! process, the way rsync tells unchanged blocks with XXH128: four times blake3's speed on the
+//! project's machine (14.8 against 3.5 GB/s on one core). A chunk would be taken for unchanged
+//! only if its new bytes collided with its old ones under a 128-bit key they cannot know: the
+//! bytes are a container's own memory. Every chunk that is sent is still checked by the
+//! receiver against its blake3 id.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
