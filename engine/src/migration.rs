@@ -400,7 +400,7 @@ impl Migration {
 
         self.enter(Phase::Transfer, None).await;
         let started = Instant::now();
-        let mut report = self.send_files(0, &files, pages).await?;
+        let mut report = self.send_files(0, &files, pages, false).await?;
         self.round_done(0, &report, started).await;
         // The source has nothing to do while the destination restores: start keeping the
         // chunks now, unless another migration's are still going in (then at clean-up).
@@ -704,7 +704,7 @@ impl Migration {
                     .iter()
                     .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
                     .collect();
-                let sent = self.send_files(round, &kept.pages, Vec::new()).await;
+                let sent = self.send_files(round, &kept.pages, Vec::new(), true).await;
                 if let Ok(report) = &sent {
                     self.earlier = earlier_cuts::per_page_file(&kept.pages, &lens, &report.cuts);
                 }
@@ -892,16 +892,19 @@ impl Migration {
 
     /// Sends one round's archive over its own transfer connection(s).
     async fn send(&mut self, round: u32, path: &Path) -> Result<SendReport, Failure> {
-        self.send_files(round, &[path], Vec::new()).await
+        self.send_files(round, &[path], Vec::new(), false).await
     }
 
     /// Sends files as one round's stream, back to back (see [`transport::source::Source`]),
-    /// telling the destination where the stream holds `pages`.
+    /// telling the destination where the stream holds `pages`. With `record_cuts` (a pre-copy
+    /// round of page images) the report holds the cuts, for the next round to take those of
+    /// what did not change instead of cutting and hashing it again.
     async fn send_files<P: AsRef<Path>>(
         &mut self,
         round: u32,
         paths: &[P],
         pages: Vec<PageImage>,
+        record_cuts: bool,
     ) -> Result<SendReport, Failure> {
         let total = paths
             .iter()
@@ -914,9 +917,7 @@ impl Migration {
             progress: Some(progress.clone()),
             // The final round's chunks are kept here afterwards, from this manifest.
             keep_manifest: round == 0,
-            // A pre-copy round's cuts serve the next round, which takes those of what did
-            // not change instead of cutting and hashing it again.
-            record_cuts: round != 0 && round != BASE_IMAGE_ROUND,
+            record_cuts,
             earlier: earlier_cuts::matched(&self.earlier, paths),
             ..SendOptions::default()
         };

@@ -164,10 +164,11 @@ impl Earlier {
         }
     }
 
-    /// The entry of the chunk starting at stream `offset`, whose bytes from there `window`
-    /// holds (at least [`MAX_CHUNK_LEN`] of them unless the stream ends sooner), when it is an
-    /// earlier cut (see the module documentation); `None` to cut it.
-    pub fn reuse(&self, offset: u64, window: &[u8]) -> Option<ManifestEntry> {
+    /// The chunk starting at stream `offset`, whose bytes from there `window` holds (at least
+    /// [`MAX_CHUNK_LEN`] of them unless the stream ends sooner), when it is an earlier cut (see
+    /// the module documentation): that cut, at `offset`, as recording would make it; `None` to
+    /// cut it.
+    pub fn reuse(&self, offset: u64, window: &[u8]) -> Option<EarlierCut> {
         let i = self.regions.partition_point(|r| r.start + r.len <= offset);
         let region = self.regions.get(i).filter(|r| r.start <= offset)?;
         let at = offset - region.start;
@@ -179,7 +180,7 @@ impl Earlier {
         }
         self.reused
             .fetch_add(u64::from(cut.entry.len), Ordering::Relaxed);
-        Some(cut.entry)
+        Some(EarlierCut { offset, ..cut })
     }
 
     /// Bytes whose cuts were taken from earlier cuts so far.
@@ -293,7 +294,13 @@ mod tests {
             !expected.contains(&(start + cut.offset, cut.entry)),
             "changing the byte after a chunk moves its cut"
         );
-        assert_eq!(cut_with(&stream, Some(&earlier)).0, expected);
+        let (cuts, recorded) = cut_with(&stream, Some(&earlier));
+        assert_eq!(cuts, expected);
+        assert_eq!(
+            recorded,
+            cut_with(&stream, None).1,
+            "cuts taken are recorded as cutting records them"
+        );
         let reused = earlier.reused_bytes();
         assert!(
             reused > old.len() as u64 * 9 / 10 && reused < old.len() as u64,

@@ -186,10 +186,15 @@ impl<'a> Worker<'a> {
 
     /// The entry of the chunk at stream `offset`, the start of `window`.
     fn entry(&mut self, offset: u64, window: &[u8]) -> ManifestEntry {
+        // A cut taken comes with its fingerprint: recording it costs nothing more.
         let taken = self.earlier.take.and_then(|e| e.reuse(offset, window));
-        let entry = taken.unwrap_or_else(|| cut_entry(self.masks, &mut self.zero_ids, window));
+        let entry = match taken {
+            Some(cut) => cut.entry,
+            None => cut_entry(self.masks, &mut self.zero_ids, window),
+        };
         if self.earlier.record.is_some() {
-            self.made.extend(earlier::record(offset, entry, window));
+            self.made
+                .extend(taken.or_else(|| earlier::record(offset, entry, window)));
         }
         entry
     }
