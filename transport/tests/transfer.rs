@@ -1,8 +1,8 @@
 //! Whole transfers over real QUIC on the loopback: a clean transfer and its deduplicated
 //! repeat, a connection that goes dark mid-transfer and resumes, a sender with a foreign
 //! certificate, hostile peers that send a bad chunk, a malformed frame or a wrong manifest
-//! digest, and a receiver whose chunk store holds a corrupted chunk. Every wait has a
-//! deadline; nothing sleeps to synchronise.
+//! digest, a receiver whose chunk store holds a corrupted chunk, and the datagram size a path
+//! with large datagrams gets. Every wait has a deadline; nothing sleeps to synchronise.
 
 mod common;
 
@@ -84,6 +84,39 @@ async fn transfer_then_repeat_sends_only_the_manifest() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
+}
+
+/// The loopback carries 64 KiB datagrams, so MTU discovery takes the connection up to
+/// `MAX_UDP_PAYLOAD` and the transfer's full GSO batches of that size reach the receiver. With
+/// datagrams too large for one GSO send (10 × 8,952 bytes), the kernel refused every full batch,
+/// quinn took the losses for a black hole and fell back to 1,200-byte datagrams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_with_large_datagrams_is_used_at_the_largest_size_that_fits_a_gso_send() {
+    let lab = Lab::new();
+    let src = lab.path("src.bin");
+    let mut rng = fastrand::Rng::with_seed(7);
+    let random: Vec<u8> = (0..32 << 20).map(|_| rng.u8(..)).collect();
+    std::fs::write(&src, &random).unwrap();
+    let server =
+        quic::server_endpoint(&lab.receiver, loopback(), quic::DEFAULT_IDLE_TIMEOUT).unwrap();
+    let addr = server.local_addr().unwrap();
+    let client =
+        quic::client_endpoint(&lab.sender, Some("receiver"), quic::DEFAULT_IDLE_TIMEOUT).unwrap();
+    let out = lab.path("out.bin");
+    let receiving = quic::receive_file(&server, lab.store(), &out, &RECEIVE);
+    let sending = quic::send_file(&client, addr, &src, &SEND);
+    let (received, sent) = timeout(DEADLINE, async { tokio::join!(receiving, sending) })
+        .await
+        .unwrap();
+    received.unwrap();
+    let sent = sent.unwrap();
+    assert!(same_file(&src, &out));
+    assert!(sent.wire_bytes > 32 << 20, "random bytes do not shrink");
+    assert_eq!(
+        sent.path_mtu,
+        quic::MAX_UDP_PAYLOAD,
+        "the connection ended below the largest datagram size"
+    );
 }
 
 /// A stream sent from several files, received over an earlier round's output

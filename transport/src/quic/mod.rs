@@ -27,8 +27,13 @@
 //!   streams stay busy without waiting for window updates (a LAN's bandwidth-delay product is
 //!   well under 1 MiB), and these windows bound what either side buffers, which keeps peak
 //!   memory flat whatever the archive size.
-//! - initial MTU 1452 (Ethernet 1500 minus IPv6 and UDP headers) with MTU discovery probing up
-//!   to 8952 (jumbo frames; loopback) and falling back on black holes.
+//! - initial MTU 1452 (Ethernet 1500 minus IPv6 and UDP headers), with MTU discovery probing up
+//!   to [`MAX_UDP_PAYLOAD`] (6,550 bytes) where the path has jumbo frames, and falling back on
+//!   black holes. Each endpoint also advertises that size (QUIC's `max_udp_payload_size`):
+//!   quinn's default, 1,472, would keep a peer's datagrams at Ethernet size on any path. Larger
+//!   datagrams mean fewer packets to seal, send, receive and acknowledge for the same bytes, and
+//!   the packet count is much of a transfer's CPU on a 2-core node. Why not 8,952: see
+//!   [`MAX_UDP_PAYLOAD`].
 //! - UDP socket buffers of 16 MiB (receive) and 4 MiB (send), forced past `net.core.rmem_max`
 //!   when the process may (root, `CAP_NET_ADMIN`). The kernel's default receive buffer is about
 //!   200 KiB: a few milliseconds of a LAN transfer. On a 2-core node busy decompressing and
@@ -62,6 +67,17 @@ pub use send::{
     SendReport,
 };
 
+/// The largest UDP payload (one QUIC datagram) an endpoint sends or accepts, once MTU discovery
+/// found the path carries it.
+///
+/// Not a jumbo frame's 8,952: quinn hands the kernel up to 10 datagrams in one GSO send, and a
+/// send's payload must fit one UDP datagram's 16-bit length (65,507 bytes over IPv4). Ten
+/// datagrams of 8,952 bytes make 89,520: the kernel refuses the whole batch (`EMSGSIZE`), quinn
+/// counts that as a failed MTU probe and says nothing, and the ten packets are lost. After a
+/// few such losses quinn decides the path is a black hole and drops to 1,200-byte datagrams.
+/// Ten of 6,550 make 65,500.
+pub const MAX_UDP_PAYLOAD: u16 = 6550;
+
 /// The QUIC idle timeout used unless a caller asks otherwise.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -77,7 +93,7 @@ pub fn lan_transport_config(idle_timeout: Duration) -> quinn::TransportConfig {
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(4));
     t.initial_mtu(1452);
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(8952);
+    mtu.upper_bound(MAX_UDP_PAYLOAD);
     t.mtu_discovery_config(Some(mtu));
     t.max_idle_timeout(idle_timeout.try_into().ok());
     t.keep_alive_interval(Some(idle_timeout / 8));
@@ -122,7 +138,11 @@ fn lan_endpoint(
 ) -> Result<quinn::Endpoint, TransferError> {
     let socket = lan_socket(addr)?;
     let runtime = Arc::new(quinn::TokioRuntime);
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .expect("MAX_UDP_PAYLOAD is within QUIC's bounds");
+    quinn::Endpoint::new(config, server, socket, runtime)
         .map_err(|source| TransferError::Bind { addr, source })
 }
 

@@ -90,6 +90,9 @@ pub struct SendReport {
     pub connections: u32,
     /// Wall time from the first connection attempt to the receiver's confirmation.
     pub seconds: f64,
+    /// The UDP payload size (path MTU) the last connection had reached when it closed: 1,472
+    /// on plain Ethernet over IPv4, up to [`super::MAX_UDP_PAYLOAD`] with jumbo frames.
+    pub path_mtu: u16,
     /// Source bytes whose cuts were taken from [`SendOptions::earlier`] files, over all
     /// connections (a resumed transfer cuts the stream again from its start).
     pub earlier_bytes: u64,
@@ -239,6 +242,7 @@ pub async fn send_files_via<P: AsRef<Path>>(
                     session(&conn, &peer, &source, &earlier, options, &wire, &mut report).await;
                 let reason: &[u8] = if result.is_ok() { b"done" } else { b"failed" };
                 let stats = conn.stats();
+                report.path_mtu = stats.path.current_mtu;
                 info!(
                     rtt_ms = stats.path.rtt.as_secs_f64() * 1e3,
                     cwnd = stats.path.cwnd,
