@@ -51,6 +51,9 @@
 #   BENCH_ARCHIVE_DIR=/var/tmp/migrate-bench   (node-private in every node)
 #   BENCH_BUILD=1|0              0: use the binaries already in target/release
 #   BENCH_LAB_DOWN=auto|0|1      auto: `lab down` at the end only if this script ran `lab up`
+#   BENCH_MTU=1500               MTU of the lab's links when this script brings the lab up
+#                                (9000: a node network with jumbo frames); a lab already up
+#                                keeps its own, and the figures record the MTU used
 # Quick check: BENCH_RUNS=1 BENCH_KEYS=20000 benches/run-migration.sh
 # Labs with other state dirs (MIGRATE_LAB_DIR, MIGRATE_LAB_PREFIX) but the same node names
 # share the nodes' host cgroups (.../migrate-lab/<node>), and `lab down` then fails on
@@ -78,6 +81,7 @@ COPY_PORT=${BENCH_COPY_PORT:-7701}
 ARCHIVE_DIR=${BENCH_ARCHIVE_DIR:-/var/tmp/migrate-bench}
 BUILD=${BENCH_BUILD:-1}
 LAB_DOWN=${BENCH_LAB_DOWN:-auto}
+MTU=${BENCH_MTU:-1500}
 LAB_DIR=${MIGRATE_LAB_DIR:-/var/lib/migrate-lab}
 IMAGE=localhost/lab/redis
 MIGRATE=$TARGET_DIR/release/migrate
@@ -225,11 +229,13 @@ lab_ready() {
         >/dev/null
 }
 if ! "$MIGRATE" lab status --json | jq -e .up >/dev/null; then
-    log "lab not up: migrate lab up --node $FROM --node $TO"
-    "$MIGRATE" lab up --node "$FROM" --node "$TO" >&2
+    log "lab not up: migrate lab up --node $FROM --node $TO --mtu $MTU"
+    "$MIGRATE" lab up --node "$FROM" --node "$TO" --mtu "$MTU" >&2
     lab_brought_up=1
 fi
 lab_ready || die "the lab is up but $FROM and $TO are not both alive: try 'migrate lab down' and run again"
+MTU=$("$MIGRATE" lab status --json | jq -r '.mtu // 1500')
+[[ $MTU == "${BENCH_MTU:-$MTU}" ]] || log "the lab was already up with links at MTU $MTU: BENCH_MTU=$BENCH_MTU is not used"
 addr_of() { "$MIGRATE" lab status --json | jq -r --arg n "$1" '.nodes[] | select(.name == $n) | .address'; }
 FROM_ADDR=$(addr_of "$FROM")
 TO_ADDR=$(addr_of "$TO")
@@ -460,6 +466,7 @@ done
 mkdir -p "$(dirname "$OUT")"
 jq -s --arg load_start "$load_start" --arg load_end "$(cut -d ' ' -f 1-3 /proc/loadavg)" \
     --argjson seed "$SEED" --argjson keys "$KEYS" --argjson vb "$VALUE_BYTES" --argjson runs "$RUNS" \
+    --argjson mtu "$MTU" \
     --arg ours "$([[ $OURS == 1 ]] && echo run || echo not run)" \
     --arg from "$FROM" --arg to "$TO" --arg date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
     --arg host "$(uname -n)" --arg kernel "$(uname -r)" --argjson cpus "$(nproc)" '
@@ -487,7 +494,7 @@ jq -s --arg load_start "$load_start" --arg load_end "$(cut -d ' ' -f 1-3 /proc/l
                          | from_entries)})}
     | . as $m
     | {date: $date, host: $host, kernel: $kernel, cpus: $cpus,
-       loadavg_start: $load_start, loadavg_end: $load_end, from: $from, to: $to,
+       loadavg_start: $load_start, loadavg_end: $load_end, from: $from, to: $to, mtu: $mtu,
        keys: $keys, value_bytes: $vb, runs: $runs, first_seed: $seed, ours: $ours,
        medians: $m,
        ratios_podman_over_ours: {
@@ -502,7 +509,7 @@ report_defs='def f: if . == null then "-" else (. * 100 | round / 100 | tostring
     def mb: if . == null then "-" else (. / 1e5 | round / 10 | tostring) end;
     def x: if . == null then "-" else (. * 100 | round / 100 | tostring) + "x" end;'
 echo
-jq -r '"migration of redis, \(.keys) keys x \(.value_bytes) B, \(.from) -> \(.to), medians of \(.runs) round(s)",
+jq -r '"migration of redis, \(.keys) keys x \(.value_bytes) B, \(.from) -> \(.to), links at MTU \(.mtu), medians of \(.runs) round(s)",
     "(podman/ours above 1x: ours is faster; load average \(.loadavg_start) at the start, \(.loadavg_end) at the end)",
     "ours: \(.ours)", ""' "$OUT"
 jq -r "$report_defs"'

@@ -26,6 +26,7 @@ enum LabCommand {
   migrate lab up                      # node1 (10.231.0.10) and node2 (10.231.0.11)
   migrate lab up --nodes 3            # node1..node3
   migrate lab up --node a --node b    # nodes named a and b
+  migrate lab up --mtu 9000           # links with jumbo frames, as many node networks have
 Running it again while the lab is up only shows its status. Needs root.")]
     Up {
         /// Number of nodes, named node1..nodeN.
@@ -34,6 +35,9 @@ Running it again while the lab is up only shows its status. Needs root.")]
         /// A node name (repeatable), instead of --nodes.
         #[arg(long)]
         node: Vec<String>,
+        /// MTU of the lab's links: 1500 is plain Ethernet, 9000 a network with jumbo frames.
+        #[arg(long, default_value_t = lab::DEFAULT_MTU)]
+        mtu: u32,
     },
     /// Stop every node and remove namespaces, bridge, node folders, certificates and state,
     /// also after a crash. The root filesystem stays.
@@ -69,7 +73,8 @@ pub fn run(args: LabArgs, out: &Output) -> anyhow::Result<ExitCode> {
     // Each node runs this very binary as its daemon.
     opts.daemon_binary = Some(std::env::current_exe().context("finding this program")?);
     match args.command {
-        LabCommand::Up { nodes, node } => {
+        LabCommand::Up { nodes, node, mtu } => {
+            opts.mtu = mtu;
             let names = if node.is_empty() {
                 lab::default_nodes(nodes)
             } else {
@@ -77,11 +82,12 @@ pub fn run(args: LabArgs, out: &Output) -> anyhow::Result<ExitCode> {
             };
             let up = lab::up(&names, &opts).context("bringing the lab up")?;
             if up.already_up {
-                out.line("lab: already up");
+                out.line(format!("lab: already up, links at MTU {}", up.state.mtu));
             } else {
                 out.line(format!(
-                    "lab: up with {} nodes (state {})",
+                    "lab: up with {} nodes, links at MTU {} (state {})",
                     up.state.nodes.len(),
+                    up.state.mtu,
                     opts.state_file().display()
                 ));
             }
@@ -115,6 +121,9 @@ pub fn run(args: LabArgs, out: &Output) -> anyhow::Result<ExitCode> {
                     println!("  leftover: {l} (remove with `migrate lab down`)");
                 }
             } else {
+                if let Some(mtu) = st.mtu {
+                    println!("links at MTU {mtu}");
+                }
                 println!("{:<12} {:<14} {:<6} CONTAINERS", "NODE", "ADDRESS", "ALIVE");
                 for n in &st.nodes {
                     println!(

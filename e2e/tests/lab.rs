@@ -106,7 +106,11 @@ fn node_cgroups(state: &LabState) -> Vec<String> {
 #[test]
 fn lab_up_status_exec_reach_certs_down() {
     require_lab("lab_up_status_exec_reach_certs_down");
-    let opts = options("a");
+    // Links with jumbo frames (the other labs of these tests have the default 1500).
+    let opts = LabOptions {
+        mtu: 9000,
+        ..options("a")
+    };
     let names = vec!["e2ea-node1".to_string(), "e2ea-node2".to_string()];
 
     let t = Instant::now();
@@ -131,6 +135,7 @@ fn lab_up_status_exec_reach_certs_down() {
 
     let st = lab::status(&opts).expect("status");
     assert!(st.up);
+    assert_eq!((state.mtu, st.mtu), (9000, Some(9000)));
     for (n, want) in st.nodes.iter().zip(&state.nodes) {
         assert_eq!(n.name, want.name);
         assert_eq!(n.address, want.address);
@@ -140,6 +145,8 @@ fn lab_up_status_exec_reach_certs_down() {
 
     let (code, out) = run(&opts, &names[0], &["hostname"]);
     assert_eq!((code, out.trim()), (0, names[0].as_str()));
+    let (_, mtu) = run(&opts, &names[0], &["cat", "/sys/class/net/eth0/mtu"]);
+    assert_eq!(mtu.trim(), "9000", "node1's link");
     // exec passes exit codes through.
     assert_eq!(run(&opts, &names[0], &["sh", "-c", "exit 7"]).0, 7);
     // Only the lab subnet is routed in a node.

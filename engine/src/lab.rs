@@ -5,7 +5,8 @@
 //! Network layout: a "switch" network namespace `<prefix>-switch` holds a Linux bridge
 //! `migrate-lab0` with no address; every node's namespace `<prefix>-<node>` is joined to it by a
 //! veth pair (`eth0` in the node, `port<i>` on the bridge) and gets 10.231.0.(10+i)/24, with no
-//! default route. The host namespace is not touched at all, so lab traffic can only go between
+//! default route. Every link has the MTU `up` was given (default 1500, plain Ethernet; 9000
+//! models a node network with jumbo frames). The host namespace is not touched at all, so lab traffic can only go between
 //! lab addresses, and two labs with different prefixes (a user's and a test's) never see each
 //! other. Deleting the switch namespace removes the bridge and every veth with it.
 //!
@@ -53,6 +54,11 @@ pub const NGINX_IMAGE: &str = "localhost/lab/nginx";
 /// container (`DEBUG DIGEST` checks a dataset), with busybox.
 pub const REDIS_IMAGE: &str = "localhost/lab/redis";
 
+/// The lab links' MTU unless `up` is given another: plain Ethernet.
+pub const DEFAULT_MTU: u32 = 1500;
+/// The MTUs a lab link may have: from IPv6's minimum to the largest a veth takes.
+pub const MTU_RANGE: std::ops::RangeInclusive<u32> = 1280..=65535;
+
 const STATE_VERSION: u32 = 1;
 const ENTER_SH: &str = include_str!("../../lab/enter.sh");
 const EXEC_SH: &str = include_str!("../../lab/exec.sh");
@@ -87,6 +93,12 @@ pub enum LabError {
          build it)"
     )]
     NoRootfs(PathBuf),
+    /// A link MTU outside [`MTU_RANGE`].
+    #[error(
+        "invalid lab MTU {0}: give 1280 (IPv6's minimum) to 65535; 1500 is plain Ethernet, \
+         9000 a network with jumbo frames"
+    )]
+    InvalidMtu(u32),
     /// The lab is not up.
     #[error("the lab is not up (no {0}): start it with `migrate lab up`")]
     NotUp(PathBuf),
@@ -161,6 +173,8 @@ pub struct LabOptions {
     pub start_timeout: Duration,
     /// The `migrate` binary to run as each node's daemon; `None` starts no daemons.
     pub daemon_binary: Option<PathBuf>,
+    /// The MTU of every lab link, in bytes ([`MTU_RANGE`]).
+    pub mtu: u32,
 }
 
 impl Default for LabOptions {
@@ -171,6 +185,7 @@ impl Default for LabOptions {
             prefix: DEFAULT_PREFIX.to_string(),
             start_timeout: Duration::from_secs(30),
             daemon_binary: None,
+            mtu: DEFAULT_MTU,
         }
     }
 }
@@ -234,6 +249,9 @@ pub struct LabState {
     pub bridge: String,
     /// The lab subnet (CIDR).
     pub subnet: String,
+    /// The MTU of every lab link (state files from before it was recorded had 1500).
+    #[serde(default = "default_mtu")]
+    pub mtu: u32,
     /// The lab CA (ca.crt, ca.key); node certificate folders are below it.
     pub ca_dir: PathBuf,
     /// The nodes, in order.
@@ -278,6 +296,10 @@ impl NodeState {
     }
 }
 
+fn default_mtu() -> u32 {
+    DEFAULT_MTU
+}
+
 /// What `up` did.
 #[derive(Debug)]
 pub struct UpOutcome {
@@ -307,6 +329,8 @@ pub struct LabStatus {
     pub up: bool,
     /// The state directory.
     pub state_dir: PathBuf,
+    /// The MTU of the lab's links, when it is up.
+    pub mtu: Option<u32>,
     /// Per node.
     pub nodes: Vec<NodeStatus>,
     /// Leftovers of a lab without state (namespaces, node folders), for `down` to remove.
@@ -386,6 +410,7 @@ fn start(nodes: &[String], opts: &LabOptions) -> Result<LabState> {
     ip(&["-n", &sw, "link", "set", "lo", "up"])?;
     ip(&["-n", &sw, "link", "add", BRIDGE, "type", "bridge"])?;
     ip(&["-n", &sw, "link", "set", BRIDGE, "up"])?;
+    let mtu = opts.mtu.to_string();
 
     let mut state = LabState {
         version: STATE_VERSION,
@@ -394,6 +419,7 @@ fn start(nodes: &[String], opts: &LabOptions) -> Result<LabState> {
         switch_netns: sw.clone(),
         bridge: BRIDGE.to_string(),
         subnet: "10.231.0.0/24".to_string(),
+        mtu: opts.mtu,
         ca_dir: ca_dir.clone(),
         nodes: Vec::new(),
     };
@@ -406,6 +432,9 @@ fn start(nodes: &[String], opts: &LabOptions) -> Result<LabState> {
         ip(&[
             "-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
         ])?;
+        // The bridge takes the smallest MTU of its ports, so setting both ends sets the link.
+        ip(&["-n", &sw, "link", "set", &port, "mtu", &mtu])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "mtu", &mtu])?;
         ip(&["-n", &sw, "link", "set", &port, "master", BRIDGE, "up"])?;
         ip(&[
             "-n",
@@ -812,6 +841,7 @@ pub fn status(opts: &LabOptions) -> Result<LabStatus> {
     let mut st = LabStatus {
         up: state.is_some(),
         state_dir: opts.state_dir.clone(),
+        mtu: state.as_ref().map(|s| s.mtu),
         nodes: Vec::new(),
         leftovers: Vec::new(),
     };
@@ -1020,6 +1050,9 @@ fn validate(nodes: &[String], opts: &LabOptions) -> Result<()> {
     if nodes.len() > 200 {
         return bad("", "at most 200 nodes");
     }
+    if !MTU_RANGE.contains(&opts.mtu) {
+        return Err(LabError::InvalidMtu(opts.mtu));
+    }
     transport::tls::validate_node_name(&opts.prefix).map_err(|e| LabError::InvalidName {
         name: opts.prefix.clone(),
         reason: e.to_string(),
@@ -1198,6 +1231,24 @@ mod tests {
     }
 
     #[test]
+    fn mtus_outside_the_range_are_refused() {
+        let with = |mtu| LabOptions {
+            mtu,
+            ..LabOptions::default()
+        };
+        for ok in [1280, 1500, 9000, 65535] {
+            assert!(validate(&default_nodes(2), &with(ok)).is_ok(), "{ok}");
+        }
+        for bad in [0, 576, 1279, 65536] {
+            let err = validate(&default_nodes(2), &with(bad)).unwrap_err();
+            assert!(
+                matches!(err, LabError::InvalidMtu(m) if m == bad),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn state_round_trips() {
         let s = LabState {
             version: STATE_VERSION,
@@ -1206,6 +1257,7 @@ mod tests {
             switch_netns: "p-switch".into(),
             bridge: BRIDGE.into(),
             subnet: "10.231.0.0/24".into(),
+            mtu: 9000,
             ca_dir: "/s/certs".into(),
             nodes: vec![NodeState {
                 name: "node1".into(),
@@ -1219,5 +1271,11 @@ mod tests {
         };
         let back: LabState = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(back, s);
+
+        // A state file written before the MTU was recorded: its lab had 1500.
+        let mut old = serde_json::to_value(&s).unwrap();
+        old.as_object_mut().unwrap().remove("mtu");
+        let back: LabState = serde_json::from_value(old).unwrap();
+        assert_eq!(back.mtu, 1500);
     }
 }
