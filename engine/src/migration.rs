@@ -41,7 +41,7 @@ use crate::memory_images::remove_images;
 use crate::pages::{self, PageImage};
 use crate::podman_archive;
 use crate::restart::{self, Rewound};
-use crate::runtime::{CheckpointStats, KeptCheckpoint, RuntimeError};
+use crate::runtime::{CheckpointStats, ContainerFacts, KeptCheckpoint, RuntimeError};
 use crate::tar_files::{self, Layout};
 
 /// How long to wait for the destination daemon's QUIC handshake.
@@ -284,18 +284,11 @@ impl Migration {
         let container = self.req.container.clone();
         // Plan: the container runs here, the destination answers and can take it.
         self.enter(Phase::Plan, None).await;
-        let (base_image, container_id) = if self.req.image_only {
-            (self.pod_container_image().await?, None)
+        let (base_image, container_id, memory_bytes) = if self.req.image_only {
+            (self.pod_container_image().await?, None, None)
         } else {
-            let (image, id) = self.plan_podman_container().await?;
-            (image, Some(id))
-        };
-        let memory_bytes = match self.req.image_only {
-            true => None,
-            false => {
-                let (runtime, c) = (self.node.runtime.clone(), container.clone());
-                blocking(move || runtime.memory_bytes(&c)).await
-            }
+            let facts = self.plan_podman_container().await?;
+            (facts.image, Some(facts.id), facts.memory_bytes)
         };
         let conn = self.connect().await?;
         self.dest = Some(conn.clone());
@@ -489,14 +482,15 @@ impl Migration {
         Ok(self.summary(&report, precopy_done, downtime, None))
     }
 
-    /// The plan of a Podman container: it runs here and is asked for by name; its image and ID.
-    async fn plan_podman_container(&self) -> Result<(String, String), Failure> {
+    /// The plan of a Podman container: it runs here and is asked for by name; its image, ID
+    /// and memory.
+    async fn plan_podman_container(&self) -> Result<ContainerFacts, Failure> {
         let container = self.req.container.clone();
         let runtime = self.node.runtime.clone();
         let c = container.clone();
-        match blocking(move || runtime.is_running(&c)).await {
-            Ok(true) => {}
-            Ok(false) => {
+        let facts = match blocking(move || runtime.facts(&c)).await {
+            Ok(facts) if facts.running => facts,
+            Ok(_) => {
                 return Err(self.fail(format!(
                     "container {container:?} exists on {} but is not running: only a running \
                      container can be migrated",
@@ -507,18 +501,8 @@ impl Migration {
                 return Err(self.fail(format!("on {}: {e}", self.node.name)))
             }
             Err(e) => return Err(self.fail(format!("asking the container engine: {e}"))),
-        }
-        let runtime = self.node.runtime.clone();
-        let c = container.clone();
-        let base_image = blocking(move || runtime.image_of(&c))
-            .await
-            .map_err(|e| self.fail(format!("finding the container's image: {e}")))?;
-        let runtime = self.node.runtime.clone();
-        let c = container.clone();
-        let container_id = blocking(move || runtime.container_id(&c))
-            .await
-            .map_err(|e| self.fail(format!("finding the container's ID: {e}")))?;
-        if container_id.starts_with(&container) {
+        };
+        if facts.id.starts_with(&container) {
             // The archive carries the name, and the container keeps it on the destination.
             return Err(self.fail(format!(
                 "{container:?} is a container ID: give the container's name (`podman ps` on {} \
@@ -526,7 +510,7 @@ impl Migration {
                 self.node.name
             )));
         }
-        Ok((base_image, container_id))
+        Ok(facts)
     }
 
     /// The image of a Pod's container: the caller (the CLI, from the Pod's spec) says it; the

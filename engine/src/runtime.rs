@@ -132,6 +132,20 @@ pub struct CheckpointStats {
 /// moving it.
 pub const PINNED_LABEL: &str = "migrate.dev/pinned";
 
+/// What a migration's plan asks of the container it moves ([`Runtime::facts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerFacts {
+    /// Whether it runs.
+    pub running: bool,
+    /// The image it was created from, as a reference.
+    pub image: String,
+    /// Its full ID.
+    pub id: String,
+    /// The memory a checkpoint of it would hold, when the runtime can tell (see
+    /// [`Runtime::memory_bytes`]).
+    pub memory_bytes: Option<u64>,
+}
+
 /// A running container, as a drain sees it: what it is, and whether it may move.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListedContainer {
@@ -310,6 +324,20 @@ pub trait Runtime: Send + Sync + fmt::Debug {
 
     /// Whether `container` is running; [`RuntimeError::NoSuchContainer`] if it does not exist.
     fn is_running(&self, container: &str) -> Result<bool, RuntimeError>;
+
+    /// Whether `container` runs, its image, ID and memory, as [`Runtime::is_running`],
+    /// [`Runtime::image_of`], [`Runtime::container_id`] and [`Runtime::memory_bytes`] tell
+    /// them; [`RuntimeError::NoSuchContainer`] if it does not exist. A runtime that can answer
+    /// in one question should: each `podman` command costs tens of milliseconds, and the plan
+    /// of a migration waits for them.
+    fn facts(&self, container: &str) -> Result<ContainerFacts, RuntimeError> {
+        Ok(ContainerFacts {
+            running: self.is_running(container)?,
+            image: self.image_of(container)?,
+            id: self.container_id(container)?,
+            memory_bytes: self.memory_bytes(container),
+        })
+    }
 
     /// The memory a checkpoint of `container` would hold (see
     /// [`memory_images::resident_bytes`]); `None` when this runtime cannot tell.
@@ -597,16 +625,29 @@ impl Runtime for Podman {
     }
 
     fn memory_bytes(&self, container: &str) -> Option<u64> {
-        // The PID is this process's to read only without a prefix.
-        if !self.prefix.is_empty() {
-            return None;
-        }
         let pid = self
             .inspect(container, "{{.State.Pid}}", "a PID", |out| {
                 out.parse::<u32>().ok()
             })
             .ok()?;
-        Some(memory_images::resident_bytes(pid)).filter(|b| *b > 0)
+        self.resident_bytes(pid)
+    }
+
+    fn facts(&self, container: &str) -> Result<ContainerFacts, RuntimeError> {
+        // One `podman container inspect` for what the plan would otherwise ask in four.
+        let format = "{{.State.Running}}\t{{.ImageName}}\t{{.Id}}\t{{.State.Pid}}";
+        let (running, image, id, pid) = self.inspect(
+            container,
+            format,
+            "running, image, ID and PID, tab-separated",
+            parse_facts,
+        )?;
+        Ok(ContainerFacts {
+            running,
+            image,
+            id,
+            memory_bytes: self.resident_bytes(pid),
+        })
     }
 
     fn is_running(&self, container: &str) -> Result<bool, RuntimeError> {
@@ -757,6 +798,15 @@ impl Podman {
         Ok(parse_memory_usage(&stdout))
     }
 
+    /// The resident memory of the container whose init is `pid`, read in this process's
+    /// `/proc`: only without a prefix is that PID this process's to read.
+    fn resident_bytes(&self, pid: u32) -> Option<u64> {
+        if !self.prefix.is_empty() || pid == 0 {
+            return None;
+        }
+        Some(memory_images::resident_bytes(pid)).filter(|b| *b > 0)
+    }
+
     /// One field of `podman container inspect --format FORMAT CONTAINER`, parsed from its
     /// trimmed output by `parse`; `what` names the expected value when it does not parse.
     fn inspect<T>(
@@ -844,6 +894,20 @@ impl Podman {
             }),
         }
     }
+}
+
+/// [`Podman::facts`]'s inspect output: `RUNNING\tIMAGE\tID\tPID`.
+fn parse_facts(out: &str) -> Option<(bool, String, String, u32)> {
+    let mut fields = out.split('\t');
+    let running = match fields.next()? {
+        "true" => true,
+        "false" => false,
+        _ => return None,
+    };
+    let image = fields.next().filter(|i| !i.is_empty())?.to_string();
+    let id = fields.next().filter(|i| is_container_id(i))?.to_string();
+    let pid = fields.next()?.parse().ok()?;
+    fields.next().is_none().then_some((running, image, id, pid))
 }
 
 /// What a command is about, so that "no such …" can be said of the right thing.
@@ -1139,6 +1203,29 @@ fn parse_stats(stdout: &str) -> Option<(String, CheckpointStats)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn facts_parse_from_one_inspect_line() {
+        let id = "0123456789abcdef".repeat(4);
+        let line = format!("true\tlocalhost/lab/redis:latest\t{id}\t4242");
+        assert_eq!(
+            parse_facts(&line),
+            Some((true, "localhost/lab/redis:latest".into(), id.clone(), 4242))
+        );
+        let stopped = format!("false\tlocalhost/lab/redis:latest\t{id}\t0");
+        assert_eq!(parse_facts(&stopped).map(|f| (f.0, f.3)), Some((false, 0)));
+        for bad in [
+            String::new(),
+            format!("yes\tlocalhost/lab/redis\t{id}\t1"),
+            format!("true\t\t{id}\t1"),
+            "true\tlocalhost/lab/redis\tnot-an-id\t1".to_string(),
+            format!("true\tlocalhost/lab/redis\t{id}\t-1"),
+            format!("true\tlocalhost/lab/redis\t{id}"),
+            format!("true\tlocalhost/lab/redis\t{id}\t1\textra"),
+        ] {
+            assert_eq!(parse_facts(&bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn page_images_are_ordered_by_number_and_required() {
