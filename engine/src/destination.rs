@@ -48,6 +48,9 @@ struct Incoming {
     image: Option<String>,
     /// The container restored from it (its ID).
     restored: Option<String>,
+    /// The deletion of the final round's files, started once the container was restored from
+    /// them; `finish` and `abort` wait for it before they remove the work folder.
+    deleting: Option<JoinHandle<()>>,
     touched: Instant,
 }
 
@@ -172,6 +175,7 @@ impl Destinations {
                 rounds: HashMap::new(),
                 image: None,
                 restored: None,
+                deleting: None,
                 touched: Instant::now(),
             },
         );
@@ -510,10 +514,15 @@ impl Destinations {
             restored
         })
         .await;
-        // The restored container needs none of them: they only hold its memory.
-        let _ = std::fs::remove_file(&archive);
-        let _ = std::fs::remove_file(&import);
-        let _ = std::fs::remove_dir_all(&images.1);
+        // The restored container needs none of them: they only hold its memory. They go in the
+        // background, so that the reply that ends the downtime does not wait while the kernel
+        // frees their pages (0.24 s for a 1.3 GB checkpoint in the lab).
+        let deleting = tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_file(&archive);
+            let _ = std::fs::remove_file(&import);
+            let _ = std::fs::remove_dir_all(&images.1);
+        });
+        self.touch(&req.migration_id, |inc| inc.deleting = Some(deleting));
         let mut reply = self.record_restore(node, &req, restored).await;
         if let Reply::Ok { detail } = &mut reply {
             detail["bytes_in_place"] = in_place.into();
@@ -557,6 +566,9 @@ impl Destinations {
             if let Some(task) = &round.task {
                 task.abort();
             }
+        }
+        if let Some(deleting) = inc.deleting {
+            let _ = deleting.await;
         }
         let runtime = node.runtime.clone();
         let (restored, image) = (inc.restored.clone(), inc.image.clone());
@@ -603,11 +615,20 @@ impl Destinations {
                 warn!(%migration_id, error = %e, "the checkpoint image stays");
             }
         }
-        let _ = remove_images(&inc.dir);
         if let Some(id) = &inc.restored {
             node.remember_container(id);
         }
-        info!(%migration_id, container = %inc.container, "incoming migration finished");
+        // Its files go in the background, as the final round's did (see `restore_archive`):
+        // the source's cleanup, and so the migration's end, need not wait for the kernel.
+        let (id, container) = (migration_id.to_string(), inc.container);
+        tokio::spawn(async move {
+            if let Some(deleting) = inc.deleting {
+                let _ = deleting.await;
+            }
+            let dir = inc.dir;
+            let _ = blocking(move || remove_images(&dir)).await;
+            info!(migration_id = %id, %container, "incoming migration finished, its files deleted");
+        });
         ok(serde_json::Value::Null)
     }
 
