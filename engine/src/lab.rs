@@ -6,9 +6,10 @@
 //! `migrate-lab0` with no address; every node's namespace `<prefix>-<node>` is joined to it by a
 //! veth pair (`eth0` in the node, `port<i>` on the bridge) and gets 10.231.0.(10+i)/24, with no
 //! default route. Every link has the MTU `up` was given (default 1500, plain Ethernet; 9000
-//! models a node network with jumbo frames). The host namespace is not touched at all, so lab traffic can only go between
-//! lab addresses, and two labs with different prefixes (a user's and a test's) never see each
-//! other. Deleting the switch namespace removes the bridge and every veth with it.
+//! models a node network with jumbo frames). The host namespace is not touched at all, so lab
+//! traffic can only go between lab addresses, and two labs with different prefixes (a user's
+//! and a test's) never see each other. Deleting the switch namespace removes the bridge and
+//! every veth with it.
 //!
 //! State lives in the state directory (default /var/lib/migrate-lab, 0700): `state.json` (0600)
 //! records nodes, addresses, namespaces, node folders, certificate folders and init PIDs;
