@@ -72,10 +72,10 @@ pub use send::{
 ///
 /// Not a jumbo frame's 8,952: quinn hands the kernel up to 10 datagrams in one GSO send, and a
 /// send's payload must fit one UDP datagram's 16-bit length (65,507 bytes over IPv4). Ten
-/// datagrams of 8,952 bytes make 89,520: the kernel refuses the whole batch (`EMSGSIZE`), quinn
-/// counts that as a failed MTU probe and says nothing, and the ten packets are lost. After a
-/// few such losses quinn decides the path is a black hole and drops to 1,200-byte datagrams.
-/// Ten of 6,550 make 65,500.
+/// datagrams of 8,952 bytes make 89,520: the kernel refuses the whole batch (`EMSGSIZE`),
+/// quinn-udp ignores that error (it expects it only from MTU probes), and the ten packets are
+/// lost without a word. After a few such losses quinn decides the path is a black hole and
+/// drops to 1,200-byte datagrams. Ten of 6,550 make 65,500.
 pub const MAX_UDP_PAYLOAD: u16 = 6550;
 
 /// The QUIC idle timeout used unless a caller asks otherwise.
