@@ -625,12 +625,7 @@ impl Runtime for Podman {
     }
 
     fn memory_bytes(&self, container: &str) -> Option<u64> {
-        let pid = self
-            .inspect(container, "{{.State.Pid}}", "a PID", |out| {
-                out.parse::<u32>().ok()
-            })
-            .ok()?;
-        self.resident_bytes(pid)
+        self.facts(container).ok()?.memory_bytes
     }
 
     fn facts(&self, container: &str) -> Result<ContainerFacts, RuntimeError> {

@@ -97,19 +97,8 @@ async fn a_path_with_large_datagrams_is_used_at_the_largest_size_that_fits_a_gso
     let mut rng = fastrand::Rng::with_seed(7);
     let random: Vec<u8> = (0..32 << 20).map(|_| rng.u8(..)).collect();
     std::fs::write(&src, &random).unwrap();
-    let server =
-        quic::server_endpoint(&lab.receiver, loopback(), quic::DEFAULT_IDLE_TIMEOUT).unwrap();
-    let addr = server.local_addr().unwrap();
-    let client =
-        quic::client_endpoint(&lab.sender, Some("receiver"), quic::DEFAULT_IDLE_TIMEOUT).unwrap();
     let out = lab.path("out.bin");
-    let receiving = quic::receive_file(&server, lab.store(), &out, &RECEIVE);
-    let sending = quic::send_file(&client, addr, &src, &SEND);
-    let (received, sent) = timeout(DEADLINE, async { tokio::join!(receiving, sending) })
-        .await
-        .unwrap();
-    received.unwrap();
-    let sent = sent.unwrap();
+    let (_, sent) = send_files_to(&lab, &[&src], &out, &RECEIVE).await;
     assert!(same_file(&src, &out));
     assert!(sent.wire_bytes > 32 << 20, "random bytes do not shrink");
     assert_eq!(
