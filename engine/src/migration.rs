@@ -903,6 +903,9 @@ impl Migration {
             keep_manifest: round == 0,
             record_cuts,
             earlier: earlier_cuts::matched(&self.earlier, paths),
+            // Checkpoint images and archives in this daemon's own private folders: nobody
+            // else writes them while they are sent.
+            map_files: true,
             ..SendOptions::default()
         };
         let config = self

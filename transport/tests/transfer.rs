@@ -146,6 +146,58 @@ async fn several_files_as_one_stream_rebuilt_over_an_earlier_output() {
     assert!(!base.exists(), "the earlier output was left behind");
 }
 
+/// Files sent from read-only maps (`SendOptions::map_files`: cut, hashed and compressed where
+/// they lie, raw chunks handed to QUIC as ranges of the map) arrive byte for byte, cut into the
+/// very chunks a reading sender makes, also where a chunk spans two files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_sent_from_their_maps_arrive_as_a_reading_sender_sends_them() {
+    let lab = Lab::new();
+    // Random, text, repeated and zero runs; the second file's length is no multiple of a page.
+    let (a, b) = (lab.path("a.bin"), lab.path("b.bin"));
+    write_source(&a, 6 << 20, 11);
+    write_source(&b, 3 << 20, 12);
+    let mut b_bytes = std::fs::read(&b).unwrap();
+    b_bytes.truncate(b_bytes.len() - 1234);
+    std::fs::write(&b, &b_bytes).unwrap();
+    let expected = lab.path("expected.bin");
+    let mut both = std::fs::read(&a).unwrap();
+    both.extend(&b_bytes);
+    std::fs::write(&expected, &both).unwrap();
+
+    let mapped = SendOptions {
+        map_files: true,
+        keep_manifest: true,
+        ..SendOptions::default()
+    };
+    let out = lab.path("mapped.bin");
+    let (received, sent) = send_with(&lab, lab.store(), &[&a, &b], &out, &RECEIVE, &mapped).await;
+    assert_eq!(received.bytes_written, both.len() as u64);
+    assert!(
+        same_file(&expected, &out),
+        "the mapped files arrived changed"
+    );
+    assert!(
+        sent.wire_bytes < both.len() as u64,
+        "nothing was compressed: {} bytes on the wire",
+        sent.wire_bytes
+    );
+
+    // A reading sender, into an empty store: the same cuts, the same bytes.
+    let reading = SendOptions {
+        keep_manifest: true,
+        ..SendOptions::default()
+    };
+    let store = Arc::new(DiskStore::open(&lab.path("second-store"), None).unwrap());
+    let out = lab.path("read.bin");
+    let (_, read) = send_with(&lab, store, &[&a, &b], &out, &RECEIVE, &reading).await;
+    assert!(same_file(&expected, &out));
+    assert_eq!(
+        sent.manifest, read.manifest,
+        "the maps were cut differently"
+    );
+    assert_eq!(sent.wire_bytes, read.wire_bytes);
+}
+
 /// Sends `files` as one stream over loopback QUIC to a receiver writing `out` with `options`;
 /// both reports, once both sides succeeded.
 async fn send_files_to(

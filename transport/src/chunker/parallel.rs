@@ -16,8 +16,9 @@
 //! Given [`EarlierCuts`], every thread takes the earlier cuts it can instead of cutting (the
 //! result is the same, see [`super::earlier`]) and records the cuts it makes.
 //!
-//! Memory: each worker holds one segment plus one maximal chunk, and at most one finished
-//! segment's entries waits per worker.
+//! Memory: each worker holds one segment plus one maximal chunk (none when the stream lends
+//! its bytes, see [`ReadAt::bytes_at`]), and at most one finished segment's entries waits per
+//! worker.
 
 use std::collections::HashMap;
 use std::io;
@@ -34,8 +35,25 @@ pub const SEGMENT_LEN: usize = 4 << 20;
 /// One segment's cuts, as (offset, entry), or why it could not be read.
 type SegmentCuts = io::Result<Vec<(u64, ManifestEntry)>>;
 
-/// Reads `buf.len()` bytes of the stream at an offset (see [`crate::source::Source`]).
-pub type ReadAt<'a> = dyn Fn(&mut [u8], u64) -> io::Result<()> + Sync + 'a;
+/// The stream being cut (see [`crate::source::Source`]): read at any offset, or, where its
+/// bytes already lie in memory (a mapped file), lent as they are, without a copy. A closure
+/// `|buf, offset|` that fills `buf` is one that only reads.
+pub trait ReadAt: Sync {
+    /// Fills `buf` from stream offset `offset`.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// The `len` bytes at `offset` when they can be lent without copying; `None` has the
+    /// cutter read them with [`ReadAt::read_exact_at`].
+    fn bytes_at(&self, _offset: u64, _len: usize) -> Option<&[u8]> {
+        None
+    }
+}
+
+impl<F: Fn(&mut [u8], u64) -> io::Result<()> + Sync> ReadAt for F {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self(buf, offset)
+    }
+}
 
 /// Cuts the `len`-byte stream that `read_at` reads on `threads` worker threads (at least
 /// one), in segments of `segment_len` bytes, and calls `emit` with every chunk's offset and
@@ -46,7 +64,7 @@ pub type ReadAt<'a> = dyn Fn(&mut [u8], u64) -> io::Result<()> + Sync + 'a;
 /// stopped, or the first read error.
 pub fn cut_parallel(
     len: u64,
-    read_at: &ReadAt<'_>,
+    read_at: &dyn ReadAt,
     threads: usize,
     segment_len: usize,
     earlier: EarlierCuts<'_>,
@@ -99,7 +117,7 @@ pub fn cut_parallel(
 #[allow(clippy::too_many_arguments)]
 fn merge(
     len: u64,
-    read_at: &ReadAt<'_>,
+    read_at: &dyn ReadAt,
     masks: Masks,
     earlier: EarlierCuts<'_>,
     segments: u64,
@@ -116,7 +134,7 @@ fn merge(
 fn merge_with(
     own: &mut Worker<'_>,
     len: u64,
-    read_at: &ReadAt<'_>,
+    read_at: &dyn ReadAt,
     segments: u64,
     segment_len: u64,
     results: &[mpsc::Receiver<SegmentCuts>],
@@ -177,11 +195,37 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// Reads `[start, end)` of the stream and as much beyond as a chunk may need.
-    fn fill(&mut self, read_at: &ReadAt<'_>, start: u64, end: u64, len: u64) -> io::Result<()> {
+    /// `[start, end)` of the stream and as much beyond as a chunk may need: lent by the
+    /// stream where it can, or else read into this worker's buffer, which is then taken out
+    /// (and goes back with [`Worker::give_back`]).
+    fn window<'r>(
+        &mut self,
+        read_at: &'r dyn ReadAt,
+        start: u64,
+        end: u64,
+        len: u64,
+    ) -> io::Result<Window<'r>> {
         let read_end = (end + u64::from(MAX_CHUNK_LEN)).min(len);
-        self.buf.resize((read_end - start) as usize, 0);
-        read_at(&mut self.buf, start)
+        let n = (read_end - start) as usize;
+        if let Some(bytes) = read_at.bytes_at(start, n) {
+            return Ok(Window::Lent(bytes));
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.resize(n, 0);
+        match read_at.read_exact_at(&mut buf, start) {
+            Ok(()) => Ok(Window::Read(buf)),
+            Err(e) => {
+                self.buf = buf;
+                Err(e)
+            }
+        }
+    }
+
+    /// Keeps a window's buffer for the next read.
+    fn give_back(&mut self, window: Window<'_>) {
+        if let Window::Read(buf) = window {
+            self.buf = buf;
+        }
     }
 
     /// The entry of the chunk at stream `offset`, the start of `window`.
@@ -200,29 +244,42 @@ impl<'a> Worker<'a> {
     }
 
     /// Cuts the chunks that start in `[start, end)`, as if one started at `start`.
-    fn cut_segment(&mut self, read_at: &ReadAt<'_>, start: u64, end: u64, len: u64) -> SegmentCuts {
-        self.fill(read_at, start, end, len)?;
-        let buf = std::mem::take(&mut self.buf);
+    fn cut_segment(&mut self, read_at: &dyn ReadAt, start: u64, end: u64, len: u64) -> SegmentCuts {
+        let window = self.window(read_at, start, end, len)?;
         let mut cuts = Vec::new();
         let mut at = 0usize;
         let stop = (end - start) as usize;
         while at < stop {
-            let entry = self.entry(start + at as u64, &buf[at..]);
+            let entry = self.entry(start + at as u64, &window.bytes()[at..]);
             cuts.push((start + at as u64, entry));
             at += entry.len as usize;
         }
-        self.buf = buf;
+        self.give_back(window);
         self.flush();
         Ok(cuts)
     }
 
     /// Cuts the one chunk that starts at `pos`.
-    fn cut_one(&mut self, read_at: &ReadAt<'_>, pos: u64, len: u64) -> io::Result<ManifestEntry> {
-        self.fill(read_at, pos, pos, len)?;
-        let buf = std::mem::take(&mut self.buf);
-        let entry = self.entry(pos, &buf);
-        self.buf = buf;
+    fn cut_one(&mut self, read_at: &dyn ReadAt, pos: u64, len: u64) -> io::Result<ManifestEntry> {
+        let window = self.window(read_at, pos, pos, len)?;
+        let entry = self.entry(pos, window.bytes());
+        self.give_back(window);
         Ok(entry)
+    }
+}
+
+/// The bytes a worker cuts: lent by the stream, or read into the worker's buffer.
+enum Window<'r> {
+    Lent(&'r [u8]),
+    Read(Vec<u8>),
+}
+
+impl Window<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Window::Lent(bytes) => bytes,
+            Window::Read(buf) => buf,
+        }
     }
 }
 
@@ -244,10 +301,20 @@ pub(crate) mod tests {
             buf.copy_from_slice(&data[at..at + buf.len()]);
             Ok(())
         };
+        cut_all(&read_at, data.len(), threads, segment_len)
+    }
+
+    /// Every cut of the `len`-byte `stream`, on `threads` threads.
+    fn cut_all(
+        stream: &dyn ReadAt,
+        len: usize,
+        threads: usize,
+        segment_len: usize,
+    ) -> Vec<(u64, ManifestEntry)> {
         let mut out = Vec::new();
         let total = cut_parallel(
-            data.len() as u64,
-            &read_at,
+            len as u64,
+            stream,
             threads,
             segment_len,
             EarlierCuts::default(),
@@ -257,7 +324,7 @@ pub(crate) mod tests {
             },
         )
         .unwrap();
-        assert_eq!(total, Some(data.len() as u64));
+        assert_eq!(total, Some(len as u64));
         out
     }
 
@@ -296,6 +363,40 @@ pub(crate) mod tests {
         // Segments far shorter than a chunk: nearly every cut is mended by the caller.
         let data = &data[..1536 * 1024];
         assert_eq!(parallel(data, 4, 4096), sequential(data));
+    }
+
+    /// A stream that lends its bytes, and counts the reads it is asked for.
+    struct Lending<'d> {
+        data: &'d [u8],
+        reads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl ReadAt for Lending<'_> {
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            let at = offset as usize;
+            buf.copy_from_slice(&self.data[at..at + buf.len()]);
+            Ok(())
+        }
+
+        fn bytes_at(&self, offset: u64, len: usize) -> Option<&[u8]> {
+            self.data.get(offset as usize..offset as usize + len)
+        }
+    }
+
+    #[test]
+    fn a_stream_that_lends_its_bytes_is_cut_where_it_lies_into_the_same_chunks() {
+        let data = mixed(9 * 1024 * 1024 + 777, 3);
+        let lending = Lending {
+            data: &data,
+            reads: Default::default(),
+        };
+        assert_eq!(cut_all(&lending, data.len(), 2, 1 << 20), sequential(&data));
+        assert_eq!(
+            lending.reads.load(Ordering::Relaxed),
+            0,
+            "lent bytes were read"
+        );
     }
 
     #[test]

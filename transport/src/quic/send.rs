@@ -20,10 +20,10 @@ use super::{
 };
 use crate::chunker::earlier::{Earlier, EarlierCut, EarlierCuts, EarlierFile, Recorded};
 use crate::chunker::parallel;
-use crate::codec;
+use crate::codec::{self, Encoding};
 use crate::frame::{AbortCode, Frame};
 use crate::protocol::{ChunkRequest, ProtocolError, Sender, SenderConfig, SenderStats};
-use crate::source::Source;
+use crate::source::{LentRange, Source};
 use crate::tls::SERVER_NAME;
 use crate::ManifestEntry;
 
@@ -56,6 +56,10 @@ pub struct SendOptions {
     /// Record every cut with its fingerprint in [`SendReport::cuts`], for a later stream over
     /// the same files to give as [`SendOptions::earlier`].
     pub record_cuts: bool,
+    /// Map the files read-only and cut, hash and compress them where they lie, instead of
+    /// reading them into buffers first ([`Source::open_mapped`]). Only for files nobody
+    /// truncates while they are sent: that would kill this process (`SIGBUS`).
+    pub map_files: bool,
 }
 
 impl Default for SendOptions {
@@ -69,6 +73,7 @@ impl Default for SendOptions {
             keep_manifest: false,
             earlier: Vec::new(),
             record_cuts: false,
+            map_files: false,
         }
     }
 }
@@ -207,9 +212,11 @@ pub async fn send_files_via<P: AsRef<Path>>(
     options: &SendOptions,
 ) -> Result<SendReport, TransferError> {
     let started = Instant::now();
-    let source = Arc::new(
-        Source::open(paths).map_err(|(path, source)| TransferError::Source { path, source })?,
-    );
+    let opened = match options.map_files {
+        true => Source::open_mapped(paths),
+        false => Source::open(paths),
+    };
+    let source = Arc::new(opened.map_err(|(path, source)| TransferError::Source { path, source })?);
     let input_bytes = source.len();
     let earlier = (!options.earlier.is_empty())
         .then(|| Arc::new(Earlier::new(&options.earlier, |path| source.span_of(path))));
@@ -519,10 +526,9 @@ fn take_input(
 /// session's window is full. Cuts `earlier` has at hand are taken from it.
 fn chunk_source_stream(source: &Arc<Source>, earlier: EarlierCuts<'_>, tx: &mpsc::Sender<Input>) {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let read_at = |buf: &mut [u8], at: u64| source.read_exact_at(buf, at);
     let cut = parallel::cut_parallel(
         source.len(),
-        &read_at,
+        source.as_ref(),
         threads,
         parallel::SEGMENT_LEN,
         earlier,
@@ -606,15 +612,32 @@ const ENCODE_BATCH: usize = 4;
 /// (see [`Frame::encode_parts`]). The bytes are not hashed again here: the receiver checks
 /// every chunk against its id, and refuses the transfer when a file changed since it was
 /// chunked (hashing on both ends cost about 5 % of a pre-copy round's CPU).
-fn encode_chunk(source: &Source, req: ChunkRequest, level: i32) -> std::io::Result<[Bytes; 2]> {
-    let mut raw = vec![0u8; req.len as usize];
-    source.read_exact_at(&mut raw, req.offset)?;
-    let encoded = codec::encode_owned(raw, level);
+///
+/// From a mapped source the chunk is compressed where it lies, and a chunk that goes raw is
+/// handed to QUIC as a range of the map: no copy at all until QUIC seals it.
+fn encode_chunk(
+    source: &Arc<Source>,
+    req: ChunkRequest,
+    level: i32,
+) -> std::io::Result<[Bytes; 2]> {
+    let len = req.len as usize;
+    let (encoding, payload) = match LentRange::new(source, req.offset, len) {
+        Some(lent) => match codec::compressed(lent.as_ref(), level) {
+            Some(zstd) => (Encoding::Zstd, Bytes::from(zstd)),
+            None => (Encoding::Raw, Bytes::from_owner(lent)),
+        },
+        None => {
+            let mut raw = vec![0u8; len];
+            source.read_exact_at(&mut raw, req.offset)?;
+            let encoded = codec::encode_owned(raw, level);
+            (encoded.encoding, Bytes::from(encoded.payload))
+        }
+    };
     let frame = Frame::Chunk {
         id: req.id,
         raw_len: req.len,
-        encoding: encoded.encoding as u8,
-        payload: Bytes::from(encoded.payload),
+        encoding: encoding as u8,
+        payload,
     };
     Ok(frame.encode_parts())
 }
