@@ -11,8 +11,8 @@
 //!
 //! [`Source::open_mapped`] also maps the files read-only, and [`Source::bytes_at`] then lends
 //! any range inside one file as it lies in the page cache: the chunker cuts and hashes it, and
-//! the chunk streams compress it or send it raw, without first copying it into a buffer (that
-//! copy was a tenth of a pre-copy round's CPU on the sending node). A mapped file that is
+//! the chunk streams compress it, without first copying it into a buffer (that copy was a
+//! tenth of a pre-copy round's CPU on the sending node). A mapped file that is
 //! truncated while mapped kills the process (`SIGBUS`) instead of failing one read, so only
 //! files nobody else writes are mapped: the engine's own checkpoint images, in its private
 //! folders. [`Source::open`] reads with `pread` and is safe for any file.
@@ -192,36 +192,6 @@ impl ReadAt for Source {
     }
 }
 
-/// A range a mapped [`Source`] lends, owned: the raw payload of a chunk frame that stays in
-/// the map until QUIC has sealed it ([`bytes::Bytes::from_owner`]).
-#[derive(Debug)]
-pub struct LentRange {
-    source: Arc<Source>,
-    offset: u64,
-    len: usize,
-}
-
-impl LentRange {
-    /// The range, when `source` lends it (see [`Source::bytes_at`]).
-    pub fn new(source: &Arc<Source>, offset: u64, len: usize) -> Option<LentRange> {
-        source.bytes_at(offset, len)?;
-        Some(LentRange {
-            source: source.clone(),
-            offset,
-            len,
-        })
-    }
-}
-
-impl AsRef<[u8]> for LentRange {
-    fn as_ref(&self) -> &[u8] {
-        // Checked in `new`, and a source's maps do not change while it lives.
-        self.source
-            .bytes_at(self.offset, self.len)
-            .expect("a lent range stays inside its map")
-    }
-}
-
 /// Maps the first `len` bytes of `file` read-only.
 #[allow(unsafe_code)]
 fn map_read_only(file: &File, len: u64) -> io::Result<Mmap> {
@@ -312,9 +282,6 @@ mod tests {
         let mut buf = [0u8; 2];
         source.read_exact_at(&mut buf, 2).unwrap();
         assert_eq!(&buf, b"cd");
-        let lent = LentRange::new(&source, 5, 3).unwrap();
-        assert_eq!(lent.as_ref(), b"fgh");
-        assert!(LentRange::new(&source, 1, 3).is_none());
         // Opened to be read, it lends nothing.
         let plain = Source::open(&paths).unwrap();
         assert_eq!(plain.bytes_at(3, 5), None);

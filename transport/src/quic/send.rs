@@ -23,7 +23,7 @@ use crate::chunker::parallel;
 use crate::codec::{self, Encoding};
 use crate::frame::{AbortCode, Frame};
 use crate::protocol::{ChunkRequest, ProtocolError, Sender, SenderConfig, SenderStats};
-use crate::source::{LentRange, Source};
+use crate::source::Source;
 use crate::tls::SERVER_NAME;
 use crate::ManifestEntry;
 
@@ -613,18 +613,16 @@ const ENCODE_BATCH: usize = 4;
 /// every chunk against its id, and refuses the transfer when a file changed since it was
 /// chunked (hashing on both ends cost about 5 % of a pre-copy round's CPU).
 ///
-/// From a mapped source the chunk is compressed where it lies, and a chunk that goes raw is
-/// handed to QUIC as a range of the map: no copy at all until QUIC seals it.
-fn encode_chunk(
-    source: &Arc<Source>,
-    req: ChunkRequest,
-    level: i32,
-) -> std::io::Result<[Bytes; 2]> {
+/// From a mapped source the chunk is compressed where it lies. A chunk that goes raw is
+/// copied out of the map all the same: QUIC keeps data it has not seen acknowledged until the
+/// connection is gone, after the transfer returns, and a range of the map would keep the whole
+/// map, and so the memory of the images the caller deletes next, alive with it.
+fn encode_chunk(source: &Source, req: ChunkRequest, level: i32) -> std::io::Result<[Bytes; 2]> {
     let len = req.len as usize;
-    let (encoding, payload) = match LentRange::new(source, req.offset, len) {
-        Some(lent) => match codec::compressed(lent.as_ref(), level) {
+    let (encoding, payload) = match source.bytes_at(req.offset, len) {
+        Some(raw) => match codec::compressed(raw, level) {
             Some(zstd) => (Encoding::Zstd, Bytes::from(zstd)),
-            None => (Encoding::Raw, Bytes::from_owner(lent)),
+            None => (Encoding::Raw, Bytes::copy_from_slice(raw)),
         },
         None => {
             let mut raw = vec![0u8; len];
