@@ -12,10 +12,10 @@
 //! [`Source::open_mapped`] also maps the files read-only, and [`Source::bytes_at`] then lends
 //! any range inside one file as it lies in the page cache: the chunker cuts and hashes it, and
 //! the chunk streams compress it, without first copying it into a buffer (that copy was a
-//! tenth of a pre-copy round's CPU on the sending node). A mapped file that is
-//! truncated while mapped kills the process (`SIGBUS`) instead of failing one read, so only
-//! files nobody else writes are mapped: the engine's own checkpoint images, in its private
-//! folders. [`Source::open`] reads with `pread` and is safe for any file.
+//! tenth of a pre-copy round's CPU on the sending node). A mapped file that is truncated while
+//! mapped kills the process (`SIGBUS`) instead of failing one read, so only files nobody else
+//! writes are mapped: the engine's own checkpoint images, in its private folders.
+//! [`Source::open`] reads with `pread` and is safe for any file.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -271,7 +271,7 @@ mod tests {
     fn a_mapped_source_lends_ranges_inside_one_file_and_reads_the_others() {
         let dir = tempfile::tempdir().unwrap();
         let paths = files(dir.path(), &[b"abc", b"", b"defgh", b"ij"]);
-        let source = Arc::new(Source::open_mapped(&paths).unwrap());
+        let source = Source::open_mapped(&paths).unwrap();
         assert_eq!(source.bytes_at(3, 5), Some(&b"defgh"[..]));
         assert_eq!(source.bytes_at(4, 2), Some(&b"ef"[..]));
         assert_eq!(source.bytes_at(8, 2), Some(&b"ij"[..]));

@@ -1,8 +1,9 @@
 //! Whole transfers over real QUIC on the loopback: a clean transfer and its deduplicated
 //! repeat, a connection that goes dark mid-transfer and resumes, a sender with a foreign
 //! certificate, hostile peers that send a bad chunk, a malformed frame or a wrong manifest
-//! digest, a receiver whose chunk store holds a corrupted chunk, and the datagram size a path
-//! with large datagrams gets. Every wait has a deadline; nothing sleeps to synchronise.
+//! digest, a receiver whose chunk store holds a corrupted chunk, the datagram size a path with
+//! large datagrams gets, and files sent from read-only maps. Every wait has a deadline; nothing
+//! sleeps to synchronise.
 
 mod common;
 
@@ -147,8 +148,8 @@ async fn several_files_as_one_stream_rebuilt_over_an_earlier_output() {
 }
 
 /// Files sent from read-only maps (`SendOptions::map_files`: cut, hashed and compressed where
-/// they lie, raw chunks handed to QUIC as ranges of the map) arrive byte for byte, cut into the
-/// very chunks a reading sender makes, also where a chunk spans two files.
+/// they lie) arrive byte for byte, cut into the very chunks a reading sender makes, also where
+/// a chunk spans two files, and no map is left once the send has returned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_sent_from_their_maps_arrive_as_a_reading_sender_sends_them() {
     let lab = Lab::new();

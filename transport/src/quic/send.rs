@@ -615,8 +615,8 @@ const ENCODE_BATCH: usize = 4;
 ///
 /// From a mapped source the chunk is compressed where it lies. A chunk that goes raw is
 /// copied out of the map all the same: QUIC keeps data it has not seen acknowledged until the
-/// connection is gone, after the transfer returns, and a range of the map would keep the whole
-/// map, and so the memory of the images the caller deletes next, alive with it.
+/// connection is gone, which can be after the transfer returns, and a range of the map would
+/// keep the whole map, and so the memory of the images the caller deletes next, alive with it.
 fn encode_chunk(source: &Source, req: ChunkRequest, level: i32) -> std::io::Result<[Bytes; 2]> {
     let len = req.len as usize;
     let (encoding, payload) = match source.bytes_at(req.offset, len) {
