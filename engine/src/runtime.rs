@@ -650,11 +650,7 @@ impl Runtime for Podman {
             container,
             "{{.State.Running}}",
             "`true` or `false`",
-            |v| match v {
-                "true" => Some(true),
-                "false" => Some(false),
-                _ => None,
-            },
+            parse_running,
         )
     }
 
@@ -679,15 +675,11 @@ impl Runtime for Podman {
     }
 
     fn image_of(&self, container: &str) -> Result<String, RuntimeError> {
-        self.inspect(container, "{{.ImageName}}", "an image name", |v| {
-            (!v.is_empty()).then(|| v.to_string())
-        })
+        self.inspect(container, "{{.ImageName}}", "an image name", parse_image)
     }
 
     fn container_id(&self, container: &str) -> Result<String, RuntimeError> {
-        self.inspect(container, "{{.Id}}", "a container ID", |v| {
-            is_container_id(v).then(|| v.to_string())
-        })
+        self.inspect(container, "{{.Id}}", "a container ID", parse_id)
     }
 
     fn has_image(&self, image_ref: &str) -> Result<bool, RuntimeError> {
@@ -894,15 +886,30 @@ impl Podman {
 /// [`Podman::facts`]'s inspect output: `RUNNING\tIMAGE\tID\tPID`.
 fn parse_facts(out: &str) -> Option<(bool, String, String, u32)> {
     let mut fields = out.split('\t');
-    let running = match fields.next()? {
-        "true" => true,
-        "false" => false,
-        _ => return None,
-    };
-    let image = fields.next().filter(|i| !i.is_empty())?.to_string();
-    let id = fields.next().filter(|i| is_container_id(i))?.to_string();
+    let running = parse_running(fields.next()?)?;
+    let image = parse_image(fields.next()?)?;
+    let id = parse_id(fields.next()?)?;
     let pid = fields.next()?.parse().ok()?;
     fields.next().is_none().then_some((running, image, id, pid))
+}
+
+/// `{{.State.Running}}` of an inspect.
+fn parse_running(out: &str) -> Option<bool> {
+    match out {
+        "true" => Some(true),
+        "false" => Some(false),
+        _ => None,
+    }
+}
+
+/// `{{.ImageName}}` of an inspect: never empty.
+fn parse_image(out: &str) -> Option<String> {
+    (!out.is_empty()).then(|| out.to_string())
+}
+
+/// `{{.Id}}` of an inspect: a full container ID.
+fn parse_id(out: &str) -> Option<String> {
+    is_container_id(out).then(|| out.to_string())
 }
 
 /// What a command is about, so that "no such …" can be said of the right thing.

@@ -165,12 +165,6 @@ pub fn encode_owned(raw: Vec<u8>, level: i32) -> Encoded {
     }
 }
 
-/// The zstd payload of `raw` at `level` when compression pays, `None` when the chunk goes
-/// raw: [`encode`] for a caller that can send the raw bytes without copying them.
-pub fn compressed(raw: &[u8], level: i32) -> Option<Vec<u8>> {
-    compress(raw, level)
-}
-
 /// The zstd frame of `raw` at `level`, when it pays (see [`encode`]).
 fn compress(raw: &[u8], level: i32) -> Option<Vec<u8>> {
     let budget = raw.len() - raw.len() / KEEP_RAW_DIVISOR;

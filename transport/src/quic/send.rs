@@ -20,7 +20,7 @@ use super::{
 };
 use crate::chunker::earlier::{Earlier, EarlierCut, EarlierCuts, EarlierFile, Recorded};
 use crate::chunker::parallel;
-use crate::codec::{self, Encoding};
+use crate::codec;
 use crate::frame::{AbortCode, Frame};
 use crate::protocol::{ChunkRequest, ProtocolError, Sender, SenderConfig, SenderStats};
 use crate::source::Source;
@@ -619,23 +619,19 @@ const ENCODE_BATCH: usize = 4;
 /// keep the whole map, and so the memory of the images the caller deletes next, alive with it.
 fn encode_chunk(source: &Source, req: ChunkRequest, level: i32) -> std::io::Result<[Bytes; 2]> {
     let len = req.len as usize;
-    let (encoding, payload) = match source.bytes_at(req.offset, len) {
-        Some(raw) => match codec::compressed(raw, level) {
-            Some(zstd) => (Encoding::Zstd, Bytes::from(zstd)),
-            None => (Encoding::Raw, Bytes::copy_from_slice(raw)),
-        },
+    let encoded = match source.bytes_at(req.offset, len) {
+        Some(raw) => codec::encode(raw, level),
         None => {
             let mut raw = vec![0u8; len];
             source.read_exact_at(&mut raw, req.offset)?;
-            let encoded = codec::encode_owned(raw, level);
-            (encoded.encoding, Bytes::from(encoded.payload))
+            codec::encode_owned(raw, level)
         }
     };
     let frame = Frame::Chunk {
         id: req.id,
         raw_len: req.len,
-        encoding: encoding as u8,
-        payload,
+        encoding: encoded.encoding as u8,
+        payload: Bytes::from(encoded.payload),
     };
     Ok(frame.encode_parts())
 }
