@@ -204,7 +204,7 @@ pub enum RuntimeError {
         stderr: String,
     },
     /// The command failed and its stderr mentions CRIU.
-    #[error("`{command}` failed ({status}): {stderr} (is CRIU >= 4.2 installed in the node? `criu check` there; CRIU's log is in the container's checkpoint directory)")]
+    #[error("`{command}` failed ({status}): {stderr}{} (is CRIU >= 4.2 installed in the node? `criu check` there; CRIU's log is in the container's checkpoint directory)", criu_says(.criu_errors))]
     Criu {
         /// The command line.
         command: String,
@@ -212,6 +212,9 @@ pub enum RuntimeError {
         status: String,
         /// podman's stderr, trimmed and bounded.
         stderr: String,
+        /// The last `Error` lines of the CRIU log that stderr names, read where podman runs;
+        /// empty when it names none or the log could not be read.
+        criu_errors: Vec<String>,
     },
     /// The command failed for another reason.
     #[error("`{command}` failed ({status}): {stderr}")]
@@ -263,7 +266,10 @@ pub trait Runtime: Send + Sync + fmt::Debug {
 
     /// Checkpoints `container` into the uncompressed archive `out` (mode 0600). With
     /// `leave_running` the container goes on after the dump (a pre-copy round); without, it is
-    /// stopped and its memory is only in the archive.
+    /// stopped and its memory is only in the archive. Restore only archives of stopping
+    /// checkpoints: Podman takes a left-running container's file changes after it resumed, so
+    /// a file it had open during the dump may be gone from the archive, and CRIU fails to
+    /// restore it.
     fn checkpoint(
         &self,
         container: &str,
@@ -448,8 +454,68 @@ impl Podman {
                 command: command.clone(),
                 source,
             })?;
-        check(command, &output, subject)
+        match check(command, &output, subject) {
+            Err(RuntimeError::Criu {
+                command,
+                status,
+                stderr,
+                ..
+            }) => Err(RuntimeError::Criu {
+                criu_errors: self.criu_errors(&stderr),
+                command,
+                status,
+                stderr,
+            }),
+            other => other,
+        }
     }
+
+    /// The last [`CRIU_ERROR_LINES`] `Error` lines of the CRIU log a failed command's
+    /// `stderr` names (crun: "Please check CRIU logfile `PATH`"), read through this prefix,
+    /// where the path is valid. Empty when there is none or it cannot be read: the error
+    /// still names the log.
+    fn criu_errors(&self, stderr: &str) -> Vec<String> {
+        let Some(log) = criu_log_path(stderr) else {
+            return Vec::new();
+        };
+        let mut words: Vec<&OsStr> = self.prefix.iter().map(OsString::as_os_str).collect();
+        words.extend(["grep", "-F", "Error (", "--", log].map(OsStr::new));
+        let output = Command::new(words[0])
+            .args(&words[1..])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output();
+        let Ok(output) = output else {
+            return Vec::new();
+        };
+        let text = String::from_utf8_lossy(&output.stdout);
+        let lines: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        let first = lines.len().saturating_sub(CRIU_ERROR_LINES);
+        lines[first..].iter().map(|l| bounded(l)).collect()
+    }
+}
+
+/// At most this many of CRIU's `Error` lines go into an error: the first one that failed is
+/// usually among the last few.
+const CRIU_ERROR_LINES: usize = 6;
+
+/// The log file a crun error names: "Please check CRIU logfile `PATH`".
+fn criu_log_path(stderr: &str) -> Option<&str> {
+    let (_, rest) = stderr.split_once("CRIU logfile `")?;
+    let (path, _) = rest.split_once('`')?;
+    path.starts_with('/').then_some(path)
+}
+
+/// How [`RuntimeError::Criu`] quotes CRIU's log: nothing when there are no lines.
+fn criu_says(lines: &[String]) -> String {
+    if lines.is_empty() {
+        return String::new();
+    }
+    format!("; its log says: {}", lines.join(" | "))
 }
 
 impl Runtime for Podman {
@@ -957,6 +1023,7 @@ fn check(command: String, output: &Output, subject: Subject<'_>) -> Result<Strin
             command,
             status,
             stderr,
+            criu_errors: Vec::new(),
         })
     } else {
         Err(RuntimeError::Failed {
@@ -1205,6 +1272,7 @@ fn parse_stats(stdout: &str) -> Option<(String, CheckpointStats)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn facts_parse_from_one_inspect_line() {
@@ -1297,6 +1365,42 @@ mod tests {
         assert!(matches!(err, RuntimeError::Criu { .. }), "{err}");
         assert!(err.to_string().contains("CRIU >= 4.2"), "{err}");
         assert!(err.to_string().contains("exit status: 125"), "{err}");
+    }
+
+    #[test]
+    fn a_failed_restore_quotes_the_error_lines_of_criu_s_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("restore.log");
+        let mut text = String::from("(00.000001) Version: 4.2\n");
+        for i in 0..8 {
+            text.push_str(&format!(
+                "(00.0000{i}) 1: Error (criu/files.c:{i}): failure {i}\n"
+            ));
+        }
+        text.push_str("(00.000100) mnt: Switching to new ns to clean ghosts\n");
+        fs::write(&log, text).unwrap();
+        // Run as `podman ...`, crun's answer; run as `grep ...`, the real grep.
+        let p = fake(&format!(
+            r#"[ "$0" = grep ] && exec "$0" "$@"; echo 'Error: OCI runtime error: crun: CRIU restoring failed -52.  Please check CRIU logfile `{}`' >&2; exit 125"#,
+            log.display()
+        ));
+        let err = p.restore("localhost/x:y", Some("n")).unwrap_err();
+        let RuntimeError::Criu { criu_errors, .. } = &err else {
+            panic!("wrong variant: {err}");
+        };
+        let expected: Vec<String> = (2..8)
+            .map(|i| format!("(00.0000{i}) 1: Error (criu/files.c:{i}): failure {i}"))
+            .collect();
+        assert_eq!(criu_errors, &expected);
+        let msg = err.to_string();
+        assert!(msg.contains("its log says: (00.00002)"), "{msg}");
+        assert!(msg.contains("failure 7"), "{msg}");
+
+        // A log that is gone: the error still names it, and quotes nothing.
+        fs::remove_file(&log).unwrap();
+        let err = p.restore("localhost/x:y", Some("n")).unwrap_err();
+        assert!(matches!(&err, RuntimeError::Criu { criu_errors, .. } if criu_errors.is_empty()));
+        assert!(err.to_string().contains("restore.log"), "{err}");
     }
 
     #[test]
