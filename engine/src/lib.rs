@@ -24,6 +24,7 @@ pub mod archive;
 pub mod cluster;
 pub mod control;
 pub mod crio;
+pub mod cut_ahead;
 pub mod daemon;
 pub mod destination;
 pub mod drain;

@@ -35,6 +35,7 @@ use crate::control::{
     self, Event, MigrateRequest, Phase, PrepareRequest, Reply, Request, StepRequest, Summary,
     TransferHello, BASE_IMAGE_ROUND, KNOWS_CONTAINER,
 };
+use crate::cut_ahead::CutAhead;
 use crate::daemon::Node;
 use crate::earlier_cuts;
 use crate::memory_images::remove_images;
@@ -639,11 +640,35 @@ impl Migration {
     }
 
     /// A pre-copy checkpoint whose images the runtime keeps (no archive); `None` when the
-    /// runtime keeps none.
-    async fn checkpoint_kept(&self) -> Result<Option<KeptCheckpoint>, Failure> {
+    /// runtime keeps none. Without earlier cuts (the first round), the page images are cut
+    /// while CRIU writes them, and those cuts become the earlier cuts (see
+    /// [`crate::cut_ahead`]).
+    async fn checkpoint_kept(&mut self) -> Result<Option<KeptCheckpoint>, Failure> {
         let runtime = self.node.runtime.clone();
         let c = self.req.container.clone();
-        match blocking(move || runtime.checkpoint_kept(&c)).await {
+        let ahead = match self.earlier.is_empty() {
+            true => CutAhead::start()
+                .inspect_err(|e| warn!(error = %e, "could not start cutting page images ahead"))
+                .ok(),
+            false => None,
+        };
+        let writing_to = ahead.as_ref().map(CutAhead::writing_to);
+        let checkpointed = blocking(move || {
+            let told = |dir: &Path| {
+                if let Some(writing_to) = &writing_to {
+                    writing_to(dir);
+                }
+            };
+            runtime.checkpoint_kept(&c, &told)
+        })
+        .await;
+        if let Some(ahead) = ahead {
+            let cut = blocking(move || ahead.finish()).await;
+            if matches!(checkpointed, Ok(Some(_))) {
+                self.earlier = cut;
+            }
+        }
+        match checkpointed {
             Ok(Some(kept)) => {
                 log_checkpoint(kept.elapsed, kept.stats, Some(&kept.dir));
                 Ok(Some(kept))
@@ -952,7 +977,7 @@ impl Migration {
             info!(
                 round,
                 bytes = report.earlier_bytes,
-                "cuts taken from the last pre-copy round, not cut and hashed again"
+                "cuts made earlier (while CRIU wrote the images, or in the last pre-copy round) taken again, not cut and hashed"
             );
         }
         Ok(report)

@@ -283,7 +283,13 @@ pub trait Runtime: Send + Sync + fmt::Debug {
     /// (Podman's export: a tar of every image, written to disk) costs seconds per GiB. The
     /// caller removes [`KeptCheckpoint::dir`] once it has sent the pages. `Ok(None)`: this
     /// runtime keeps no images (use [`Runtime::checkpoint`] with `leave_running`).
-    fn checkpoint_kept(&self, _container: &str) -> Result<Option<KeptCheckpoint>, RuntimeError> {
+    /// `writing_to` is told that folder, when this process can read it, as soon as it is
+    /// known and before CRIU starts writing there (see [`crate::cut_ahead`]).
+    fn checkpoint_kept(
+        &self,
+        _container: &str,
+        _writing_to: &dyn Fn(&Path),
+    ) -> Result<Option<KeptCheckpoint>, RuntimeError> {
         Ok(None)
     }
 
@@ -554,7 +560,11 @@ impl Runtime for Podman {
         })
     }
 
-    fn checkpoint_kept(&self, container: &str) -> Result<Option<KeptCheckpoint>, RuntimeError> {
+    fn checkpoint_kept(
+        &self,
+        container: &str,
+        writing_to: &dyn Fn(&Path),
+    ) -> Result<Option<KeptCheckpoint>, RuntimeError> {
         // podman keeps the images in the container's static folder, `checkpoint/`.
         let format = "{{.Id}}\t{{.StaticDir}}\t{{.State.Pid}}";
         let (id, dir, pid) = self.inspect(container, format, "ID, folder, PID", |out| {
@@ -564,6 +574,10 @@ impl Runtime for Podman {
             Some((id, dir, words.next()?.parse::<u32>().ok()?))
         })?;
         self.images_to_memory(&dir, &id, pid);
+        // Through a prefix, the folder is another mount namespace's.
+        if self.prefix.is_empty() {
+            writing_to(&dir);
+        }
         let (stdout, elapsed) =
             self.run_checkpoint(container, &["--keep", "--leave-running"].map(OsStr::new))?;
         let stats = parse_stats(&stdout).map(|(_, stats)| stats);

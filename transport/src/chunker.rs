@@ -19,6 +19,7 @@ use std::iter::FusedIterator;
 
 use fastcdc::v2020;
 
+pub mod appending;
 pub mod earlier;
 pub mod parallel;
 
@@ -178,6 +179,26 @@ impl<R: Read> Chunker<R> {
             }
         }
         Ok(())
+    }
+
+    /// Cuts the rest of the stream without keeping its bytes, and returns every cut as a
+    /// later stream over the same bytes can take it again ([`earlier::Earlier::reuse`]). The
+    /// last cuts, made with less than a maximal chunk of stream left, are not among them:
+    /// more bytes could have moved them.
+    pub fn record_cuts(mut self) -> io::Result<Vec<earlier::EarlierCut>> {
+        let mut cuts = Vec::new();
+        loop {
+            self.fill()?;
+            let window = &self.buf[self.start..self.end];
+            if window.is_empty() {
+                return Ok(cuts);
+            }
+            let entry = cut_entry(self.masks, &mut self.zero_ids, window);
+            let len = entry.len;
+            cuts.extend(earlier::record(self.offset, entry, window));
+            self.start += len as usize;
+            self.offset += u64::from(len);
+        }
     }
 
     fn next_span(&mut self) -> io::Result<Option<Span>> {
