@@ -32,19 +32,18 @@ pub enum Writing {
 }
 
 /// Cuts the file at `path` as it is written, asking `writing` before each read what its
-/// writer is doing (and telling it how many bytes were read so far). Returns the cuts as [`Chunker::record_cuts`] records them, offsets from
-/// the file's start: all of the file's when the writer completed it, a prefix when `writing`
-/// abandoned the reading.
+/// writer is doing (and telling it how many bytes were read so far). Returns the cuts as
+/// [`Chunker::record_cuts`] records them, offsets from the file's start: all of the file's
+/// when the writer completed it, a prefix when `writing` abandoned the reading.
 pub fn cut_while_written(
     path: &Path,
     writing: &dyn Fn(u64) -> Writing,
 ) -> io::Result<Vec<EarlierCut>> {
     let file = File::open(path)?;
-    let read = 0;
     Chunker::new(Appended {
         file,
         writing,
-        read,
+        read: 0,
     })
     .record_cuts()
 }
