@@ -448,9 +448,7 @@ impl Podman {
     /// Runs `podman ARGS`; Ok(stdout) on success, else the classified error. `subject` is the
     /// container or image the command is about, for the "no such" errors.
     fn run(&self, args: &[&OsStr], subject: Subject<'_>) -> Result<String, RuntimeError> {
-        let mut words: Vec<&OsStr> = self.prefix.iter().map(OsString::as_os_str).collect();
-        words.push(OsStr::new("podman"));
-        words.extend_from_slice(args);
+        let words = self.podman_words(args);
         let command = command_line(&words);
         let output = Command::new(words[0])
             .args(&words[1..])
@@ -460,20 +458,27 @@ impl Podman {
                 command: command.clone(),
                 source,
             })?;
-        match check(command, &output, subject) {
-            Err(RuntimeError::Criu {
-                command,
-                status,
-                stderr,
-                ..
-            }) => Err(RuntimeError::Criu {
-                criu_errors: self.criu_errors(&stderr),
-                command,
-                status,
-                stderr,
-            }),
-            other => other,
+        let mut checked = check(command, &output, subject);
+        if let Err(RuntimeError::Criu {
+            stderr,
+            criu_errors,
+            ..
+        }) = &mut checked
+        {
+            *criu_errors = self.criu_errors(stderr);
         }
+        checked
+    }
+
+    /// The words that run `WORDS` through this prefix.
+    fn words<'w>(&'w self, words: impl IntoIterator<Item = &'w OsStr>) -> Vec<&'w OsStr> {
+        let prefix = self.prefix.iter().map(OsString::as_os_str);
+        prefix.chain(words).collect()
+    }
+
+    /// The words that run `podman ARGS` through this prefix.
+    fn podman_words<'w>(&'w self, args: &[&'w OsStr]) -> Vec<&'w OsStr> {
+        self.words(std::iter::once(OsStr::new("podman")).chain(args.iter().copied()))
     }
 
     /// The last [`CRIU_ERROR_LINES`] `Error` lines of the CRIU log a failed command's
@@ -484,8 +489,7 @@ impl Podman {
         let Some(log) = criu_log_path(stderr) else {
             return Vec::new();
         };
-        let mut words: Vec<&OsStr> = self.prefix.iter().map(OsString::as_os_str).collect();
-        words.extend(["grep", "-F", "Error (", "--", log].map(OsStr::new));
+        let words = self.words(["grep", "-F", "Error (", "--", log].map(OsStr::new));
         let output = Command::new(words[0])
             .args(&words[1..])
             .stdin(Stdio::null())
@@ -529,8 +533,7 @@ impl Runtime for Podman {
         if self.prefix.is_empty() {
             "podman".to_string()
         } else {
-            let words: Vec<&OsStr> = self.prefix.iter().map(OsString::as_os_str).collect();
-            format!("podman via `{}`", command_line(&words))
+            format!("podman via `{}`", command_line(&self.words([])))
         }
     }
 
@@ -763,8 +766,7 @@ impl Runtime for Podman {
     }
 
     fn has_image(&self, image_ref: &str) -> Result<bool, RuntimeError> {
-        let mut words: Vec<&OsStr> = self.prefix.iter().map(OsString::as_os_str).collect();
-        words.extend(["podman", "image", "exists", "--", image_ref].map(OsStr::new));
+        let words = self.podman_words(&["image", "exists", "--", image_ref].map(OsStr::new));
         let command = command_line(&words);
         let output = Command::new(words[0])
             .args(&words[1..])
@@ -943,10 +945,7 @@ impl Podman {
 
     /// The command line of `podman ARGS` with this prefix, for errors.
     fn command_for(&self, args: &[&OsStr]) -> String {
-        let mut words: Vec<&OsStr> = self.prefix.iter().map(OsString::as_os_str).collect();
-        words.push(OsStr::new("podman"));
-        words.extend_from_slice(args);
-        command_line(&words)
+        command_line(&self.podman_words(args))
     }
 
     /// The container ID a restore printed (its last line).

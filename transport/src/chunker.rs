@@ -187,37 +187,37 @@ impl<R: Read> Chunker<R> {
     /// more bytes could have moved them.
     pub fn record_cuts(mut self) -> io::Result<Vec<earlier::EarlierCut>> {
         let mut cuts = Vec::new();
-        loop {
-            self.fill()?;
-            let window = &self.buf[self.start..self.end];
-            if window.is_empty() {
-                return Ok(cuts);
-            }
-            let entry = cut_entry(self.masks, &mut self.zero_ids, window);
-            let len = entry.len;
-            cuts.extend(earlier::record(self.offset, entry, window));
-            self.start += len as usize;
-            self.offset += u64::from(len);
+        while let Some(cut) = self.cut_next(earlier::record)? {
+            cuts.extend(cut);
         }
+        Ok(cuts)
     }
 
     fn next_span(&mut self) -> io::Result<Option<Span>> {
+        self.cut_next(|offset, entry, window| Span {
+            offset,
+            data: window[..entry.len as usize].to_vec(),
+            entry,
+        })
+    }
+
+    /// Cuts the next chunk and moves past it, handing `seen` its offset, its entry and the
+    /// window it was cut from (the chunk's bytes first); `None` at the end of the stream.
+    fn cut_next<T>(
+        &mut self,
+        seen: impl FnOnce(u64, ManifestEntry, &[u8]) -> T,
+    ) -> io::Result<Option<T>> {
         self.fill()?;
         let window = &self.buf[self.start..self.end];
         if window.is_empty() {
             return Ok(None);
         }
         let entry = cut_entry(self.masks, &mut self.zero_ids, window);
-        let len = entry.len as usize;
-        let data = window[..len].to_vec();
-        self.start += len;
-        let span = Span {
-            offset: self.offset,
-            entry,
-            data,
-        };
-        self.offset += len as u64;
-        Ok(Some(span))
+        let len = entry.len;
+        let out = seen(self.offset, entry, window);
+        self.start += len as usize;
+        self.offset += u64::from(len);
+        Ok(Some(out))
     }
 }
 
